@@ -1,0 +1,228 @@
+"""Sampling from a GPT: temperature, top-k, nucleus (top-p), streamed token by token."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.checkpoint import load_model
+from minigpt.config import ConfigError, GenerateConfig
+from minigpt.model import GPT, KVCache
+from minigpt.tokenizer import Tokenizer
+
+
+def greedy_next(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row of `logits` [B, V], as a LongTensor [B]."""
+    return logits.argmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of `logits` [B, V]; returns a LongTensor [B].
+
+    Filters apply in order: temperature, top-k, then top-p on what top-k left. A temperature
+    of 0 means greedy (the limit of the distribution as temperature falls to 0). `logits` is
+    not modified. Pass a `generator` to make draws reproducible without touching global RNG.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature == 0:
+        return greedy_next(logits)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = _keep_top_k(logits, top_k)
+    if top_p is not None:
+        logits = _keep_top_p(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _keep_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf (ties with it are kept)."""
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None to disable)")
+    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p`.
+
+    A token is dropped when the tokens ranked above it already hold `top_p` of the mass, so
+    the most likely token always survives, however small `top_p` is.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_above >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def generate(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` new tokens, one LongTensor [B] per step, so callers can stream.
+
+    `prompt` [B, T0] is cropped to its last block_size tokens. The model sits in eval mode
+    while the iterator runs (its previous mode is restored when it finishes or is closed);
+    each step runs under `torch.inference_mode`, switched off again around each `yield` so
+    it never leaks into the caller's code.
+
+    The model always conditions on the last block_size tokens, with or without the cache: the
+    cache is a speed-up that never changes the output (greedy decoding gives identical tokens
+    both ways). Past block_size, learned absolute positions mean no cached key can be reused
+    once the window slides, so on overflow the cache is reset and re-prefilled with the last
+    block_size tokens -- the same work as the uncached path. Re-prefilling fewer tokens (say
+    block_size // 2) would be cheaper but would condition on less context than the uncached
+    path and change the tokens.
+    """
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise ValueError(
+            f"prompt must be [batch, tokens] with tokens >= 1, got {tuple(prompt.shape)}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if max_new_tokens == 0:
+        return
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if greedy:
+            return greedy_next(logits)
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    was_training = model.training
+    model.eval()
+    try:
+        context, cache, logits = _prefill(model, prompt, use_cache)
+        for step in range(max_new_tokens):
+            context, token = _advance(context, logits, pick, model.config.block_size)
+            yield token.clone()  # a normal tensor: inference tensors can't enter autograd later
+            if step + 1 < max_new_tokens:
+                logits = _next_logits(model, context, cache)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _prefill(
+    model: GPT, prompt: torch.Tensor, use_cache: bool
+) -> tuple[torch.Tensor, KVCache | None, torch.Tensor]:
+    """Crop the prompt to the model's window and compute the last position's logits."""
+    context = prompt[:, -model.config.block_size :]
+    cache = model.new_kv_cache(prompt.size(0), device=prompt.device) if use_cache else None
+    logits, _ = model(context, kv_cache=cache)
+    return context, cache, logits[:, -1]
+
+
+@torch.inference_mode()
+def _advance(
+    context: torch.Tensor,
+    logits: torch.Tensor,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the next token and append it to the context window (kept to block_size)."""
+    token = pick(logits)
+    context = torch.cat([context, token[:, None]], dim=1)[:, -block_size:]
+    return context, token
+
+
+@torch.inference_mode()
+def _next_logits(model: GPT, context: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits for the token after `context`, whose last token is not yet in the cache."""
+    if cache is None:
+        logits, _ = model(context)
+    elif cache.length < model.config.block_size:
+        logits, _ = model(context[:, -1:], kv_cache=cache)
+    else:  # the cache is full: the window slides, so every position shifts (see `generate`)
+        cache.reset()
+        logits, _ = model(context, kv_cache=cache)
+    return logits[:, -1]
+
+
+def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
+    """``generate.py``: load the checkpoint, then print each sample, prompt first, as it is made."""
+    out = out or sys.stdout
+    device = _resolve_device(cfg.device)
+    model, tokenizer, _ = load_model(cfg.checkpoint, device)
+    prompt = _read_prompt(cfg)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("prompt is empty after tokenization; give a prompt of at least one token")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    texts = []
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
+        out.write(prompt)
+        out.flush()
+        tokens = generate(
+            model,
+            torch.tensor([ids], device=device),
+            cfg.max_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            generator=generator,
+            use_cache=cfg.kv_cache,
+        )
+        texts.append(prompt + _stream(tokenizer, (int(t[0]) for t in tokens), out))
+    out.write("\n")
+    out.flush()
+    return texts
+
+
+def _stream(tokenizer: Tokenizer, ids: Iterable[int], out: TextIO) -> str:
+    """Write text as tokens arrive, holding back a byte sequence that is not yet whole UTF-8."""
+    seen: list[int] = []
+    shown = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen)
+        if text.endswith("\ufffd"):
+            continue
+        out.write(text[len(shown) :])
+        out.flush()
+        shown = text
+    text = tokenizer.decode(seen)
+    out.write(text[len(shown) :])
+    return text
+
+
+def _read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt_file is None:
+        return cfg.prompt
+    path = Path(cfg.prompt_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompt_file={cfg.prompt_file} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
+    return torch.device(name)

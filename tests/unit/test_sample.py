@@ -1,0 +1,182 @@
+"""Sampling: the filters, reproducibility, and streamed generation with and without the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig
+from minigpt.sample import generate, greedy_next, sample_next
+
+VOCAB = 50
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    values = dict(n_layer=2, n_head=2, d_model=32, block_size=16, vocab_size=VOCAB)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**values))
+
+
+def context_sensitive_model(seed: int = 0) -> GPT:
+    """A model whose greedy output depends on its whole context.
+
+    At GPT-2's init std the tied embedding makes the model repeat its last token forever, which
+    would let a wrong context window go unnoticed.
+    """
+    model = tiny_model(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def random_logits(batch: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def prompt_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def collect(model: GPT, prompt: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+    return torch.stack(list(generate(model, prompt, n, **kwargs)), dim=1)
+
+
+def test_greedy_next_is_the_argmax():
+    logits = random_logits()
+    assert torch.equal(greedy_next(logits), logits.argmax(dim=-1))
+
+
+def test_top_k_one_equals_greedy():
+    logits = random_logits(batch=64)
+    picked = sample_next(logits, temperature=1.5, top_k=1, top_p=None)
+    assert torch.equal(picked, greedy_next(logits))
+
+
+def test_tiny_top_p_keeps_only_the_argmax():
+    logits = random_logits(batch=64)
+    picked = sample_next(logits, temperature=1.0, top_k=None, top_p=1e-6)
+    assert torch.equal(picked, greedy_next(logits))
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    logits = random_logits(batch=1).expand(4000, VOCAB)
+    picked = sample_next(logits, temperature=5.0, top_k=2, top_p=None)
+    top2 = set(torch.topk(logits[0], 2).indices.tolist())
+    assert set(picked.tolist()) == top2
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    picked = sample_next(logits, temperature=1.0, top_k=None, top_p=0.7)
+    assert set(picked.tolist()) == {1, 3}
+
+
+def test_temperature_sharpens_and_flattens_the_distribution():
+    logits = random_logits(batch=1).expand(4000, VOCAB)
+    g = torch.Generator().manual_seed(0)
+    cold = sample_next(logits, temperature=0.01, top_k=None, top_p=None, generator=g)
+    hot = sample_next(logits, temperature=100.0, top_k=None, top_p=None, generator=g)
+    assert torch.equal(cold, greedy_next(logits))
+    assert len(set(hot.tolist())) > 0.9 * VOCAB  # nearly uniform: almost every token appears
+
+
+def test_temperature_zero_means_greedy():
+    logits = random_logits()
+    assert torch.equal(sample_next(logits, temperature=0.0), greedy_next(logits))
+
+
+def test_same_generator_seed_gives_the_same_samples():
+    logits = random_logits(batch=32)
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return sample_next(logits, temperature=1.0, top_k=10, top_p=0.9, generator=g)
+
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+def test_sample_next_leaves_the_logits_untouched():
+    logits = random_logits()
+    before = logits.clone()
+    sample_next(logits, temperature=0.5, top_k=3, top_p=0.5)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("bad", [{"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1}])
+def test_sample_next_rejects_invalid_settings(bad):
+    settings = {"temperature": 1.0, "top_k": None, "top_p": None} | bad
+    with pytest.raises(ValueError):
+        sample_next(random_logits(), **settings)
+
+
+def test_generate_streams_one_token_batch_per_step():
+    model = tiny_model()
+    stream = generate(model, prompt_tokens(3, 4), 5, greedy=True)
+    first = next(stream)
+    assert first.shape == (3,) and first.dtype == torch.long
+    assert not torch.is_inference_mode_enabled()  # inference mode does not leak to the caller
+    assert len(list(stream)) == 4
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+def test_greedy_generation_is_identical_with_and_without_cache(prompt_len):
+    model = context_sensitive_model()
+    prompt = prompt_tokens(2, prompt_len)
+    cached = collect(model, prompt, 40, greedy=True, use_cache=True)  # well past block_size
+    uncached = collect(model, prompt, 40, greedy=True, use_cache=False)
+    assert len(set(uncached[0, 16:].tolist())) > 5  # not stuck repeating one token
+    assert torch.equal(cached, uncached)
+
+
+def test_uncached_generation_conditions_on_the_last_block_size_tokens():
+    model = context_sensitive_model().eval()
+    prompt = prompt_tokens(1, 10)
+    tokens = collect(model, prompt, 20, greedy=True, use_cache=False)
+    context = torch.cat([prompt, tokens], dim=1)
+    with torch.no_grad():
+        for i in range(tokens.size(1)):
+            window = context[:, : prompt.size(1) + i][:, -16:]
+            expected = model(window)[0][:, -1].argmax(dim=-1)
+            assert torch.equal(tokens[:, i], expected), f"step {i}"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_longer_than_block_size_is_cropped(use_cache):
+    model = context_sensitive_model()
+    long_prompt = prompt_tokens(2, 40)
+    tokens = collect(model, long_prompt, 6, greedy=True, use_cache=use_cache)
+    cropped = collect(model, long_prompt[:, -16:], 6, greedy=True, use_cache=use_cache)
+    other_start = collect(model, long_prompt[:, -17:-1], 6, greedy=True, use_cache=use_cache)
+    assert torch.equal(tokens, cropped)
+    assert not torch.equal(tokens, other_start)  # the crop keeps the *last* tokens
+
+
+def test_sampled_generation_is_reproducible_with_a_seeded_generator():
+    model = tiny_model()
+    prompt = prompt_tokens(2, 3)
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return collect(model, prompt, 24, temperature=0.8, top_k=20, top_p=0.95, generator=g)
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_generate_runs_in_eval_mode_and_restores_training_mode():
+    model = tiny_model(dropout=0.5).train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    tokens = collect(model, prompt_tokens(1, 4), 3, greedy=True)
+    assert modes and not any(modes)
+    assert model.training
+    assert tokens.shape == (1, 3)
+
+
+def test_generate_yields_nothing_for_zero_new_tokens():
+    assert list(generate(tiny_model(), prompt_tokens(1, 4), 0)) == []
