@@ -1,0 +1,142 @@
+"""Checkpoints: atomic save, safe load, and where the run's checkpoints live.
+
+A checkpoint is a plain dict of tensors and JSON-like values, so it always loads with
+``torch.load(weights_only=True)``: a crafted pickle can never run code here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "minigpt"
+VERSION = 1
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, unsafe or not ours."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The folder of a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` to ``path`` atomically: temp file, fsync, rename, fsync the folder.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Make ``dst`` the same checkpoint as ``src`` atomically (a hard link: no second write)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        save(load(src), dst)
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a minigpt checkpoint with ``weights_only=True``; every failure is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds objects a minigpt checkpoint never has "
+            f"({_unsafe_reason(err)}); nothing in it was run"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}); "
+            "use another checkpoint, e.g. an older one in the same folder"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a minigpt checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state.get('version')}, this minigpt reads "
+            f"version {VERSION}"
+        )
+    return state
+
+
+def _unsafe_reason(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "global" in line.lower()]
+    return (named or lines or ["weights-only load failed"])[0][:160]
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
+    """Which checkpoint ``resume=auto|never|PATH`` means for this run folder."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = checkpoint_dir(run_dir) / LAST
+        return last if last.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"resume={resume}: no such checkpoint file; use auto, never or a path"
+        )
+    return path
+
+
+def load_model(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The model (eval mode), tokenizer and state of a checkpoint: all that generation needs."""
+    from minigpt.model import GPT, GPTConfig  # only inference needs the model classes here
+    from minigpt.tokenizer import tokenizer_from_state
+
+    state = load(path, map_location=device)
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        tokenizer = tokenizer_from_state(state["tokenizer"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged ({err})") from None
+    return model.to(device).eval(), tokenizer, state

@@ -1,0 +1,42 @@
+"""What the entry points share: one-line user errors, and Hydra settings for follower ranks."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from minigpt import distributed
+from minigpt.checkpoint import CheckpointError
+from minigpt.config import ConfigError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors_as_one_line(fn: F) -> F:
+    """Print a user's mistake as one ``error: ...`` line and exit 2; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def follower_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that keep ranks other than 0 from making run folders of their own.
+
+    Under torchrun or srun every rank runs ``train.py``; each Hydra would make its own
+    timestamped folder. Followers write nothing and are told rank 0's folder by the trainer.
+    """
+    if distributed.detect().rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv):
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]

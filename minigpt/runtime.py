@@ -1,0 +1,77 @@
+"""Device facts the trainer needs: precision, autocast, the hardware's peak FLOP/s, versions."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from importlib import metadata
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L40S": 362e12}
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """``train.dtype=auto``: bf16 on CUDA GPUs that have it, else fp16; fp32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes; float32 runs without autocast at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The FLOP/s that MFU is measured against, and where the figure came from.
+
+    GPUs known to us use the datasheet's dense peak; anything else is measured with a short
+    sustained matmul in ``dtype`` (about 0.1 s), which is the honest peak for a CPU.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in DATASHEET_PEAK.items():
+            if key in name:
+                return (peak if dtype != torch.float32 else peak / 2), f"datasheet {key}"
+    return measure_matmul_flops(device, dtype), "measured matmul"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """Sustained FLOP/s of an n×n matmul on ``device`` in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while reps < 5 or time.perf_counter() - start < 0.05:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide whether two runs are comparable."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("minigpt", "torch", "hydra-core", "omegaconf", "datasets", "tokenizers", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out

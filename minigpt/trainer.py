@@ -1,0 +1,384 @@
+"""The training loop: it orchestrates model, data, optimizer, checkpoints and trackers.
+
+Step numbering: ``state.step`` counts optimizer steps done. Batch ``s`` is always the global batch
+the sampler draws for step ``s``, so a run resumed at step ``s`` sees exactly what an uninterrupted
+run would have seen, whatever the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from minigpt import checkpoint, distributed, runtime
+from minigpt.config import Config, ConfigError, as_dict
+from minigpt.data import BatchSampler, Corpus, eval_batches, prepare_corpus
+from minigpt.distributed import Dist
+from minigpt.model import GPT
+from minigpt.optim import build_optimizer, lr_at, set_lr
+from minigpt.sample import generate
+from minigpt.tracking import Console, build_tracker
+
+RUN_FILE = "run.json"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user must act on (printed as one line)."""
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries so that a resumed run continues the same run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    bad_steps: int = 0
+
+
+def train(
+    cfg: Config, run_dir: str | os.PathLike[str], overrides: list[str] | None = None
+) -> float:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the final validation loss."""
+    dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
+    try:
+        # Every rank must use rank 0's folder: their own Hydra may have picked another timestamp.
+        run_dir = Path(distributed.broadcast_object(str(Path(run_dir).resolve()), dist))
+        return Trainer(cfg, run_dir, dist, overrides or []).fit()
+    finally:
+        distributed.teardown(dist)
+
+
+class Trainer:
+    """One training run on this rank."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist: Dist, overrides: list[str]) -> None:
+        self.cfg, self.run_dir, self.dist, self.overrides = cfg, run_dir, dist, overrides
+        self.device = torch.device(dist.device)
+        self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type)
+        _check_dtype(self.dtype, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.corpus = self._prepare_corpus()
+        gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
+        self.model = GPT(gpt_cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        world_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
+        self.sampler = BatchSampler(
+            self.corpus.train, gpt_cfg.block_size, world_batch, cfg.train.seed
+        )
+        self.val_batches = eval_batches(
+            self.corpus.val, gpt_cfg.block_size, cfg.train.batch_size, cfg.train.eval_steps
+        )
+        self.state = TrainState()
+        self.resumed_from = self._maybe_resume()
+        self.step_model = self._wrap(self.model)
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak_flops, self.peak_source = runtime.peak_flops(self.device, self.dtype)
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare_corpus(self) -> Corpus:
+        """Rank 0 tokenizes while the others wait, then they read its cache."""
+        min_tokens = self.cfg.model.block_size + 1
+        if self.dist.is_main:
+            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens)
+        distributed.barrier(self.dist)
+        if not self.dist.is_main:
+            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens)
+        return corpus
+
+    def _wrap(self, model: GPT) -> torch.nn.Module:
+        wrapped: torch.nn.Module = model
+        if self.dist.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.train.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _maybe_resume(self) -> Path | None:
+        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        if path is None:
+            return None
+        ckpt = checkpoint.load(path, map_location=self.device)
+        if ckpt["model_config"] != asdict(self.model.config):
+            raise ConfigError(
+                f"resume={path} holds a model of another shape ({_shape(ckpt['model_config'])}) "
+                f"than model= ({_shape(asdict(self.model.config))}); use resume=never or a new "
+                "hydra.run.dir"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.state = TrainState(**ckpt["train_state"])
+        _set_rng_state(ckpt["rng"], self.dist.rank, self.device)
+        return path
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> float:
+        """Run until ``train.max_steps``; returns the last validation loss."""
+        cfg, main = self.cfg.train, self.dist.is_main
+        tracker = build_tracker(
+            self.cfg.logger,
+            self.run_dir,
+            enabled=main,
+            resume_step=self.state.step if self.resumed_from else None,
+        )
+        console = Console(cfg.progress, cfg.max_steps, self.state.step, enabled=main)
+        self._write_run_json("running")
+        if self.resumed_from:
+            console.print(f"resumed from {self.resumed_from} at step {self.state.step}")
+        val_loss, status = math.nan, "failed"
+        try:
+            val_loss = self._loop(tracker, console)
+            status = "completed"
+        finally:
+            console.close()
+            tracker.finish(status)
+            self._write_run_json(status, final_val_loss=val_loss)
+        return val_loss
+
+    def _loop(self, tracker: Any, console: Console) -> float:
+        cfg = self.cfg.train
+        window = _Window(self.device)
+        val_loss = math.nan
+        while self.state.step < cfg.max_steps:
+            loss, grad_norm, lr = self._train_step()
+            self.state.step += 1
+            window.add(
+                loss, self.sampler.global_batch * self.sampler.block_size // self.dist.world_size
+            )
+            step = self.state.step
+            last = step == cfg.max_steps
+            metrics: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or last:
+                metrics = self._train_metrics(window, grad_norm, lr)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                val_loss = self.evaluate()
+                metrics |= {"val/loss": val_loss, "val/perplexity": _ppl(val_loss)}
+            if metrics:
+                tracker.log(step, metrics)
+                console.step(step, metrics)
+            if "val/loss" in metrics or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                self._checkpoint(metrics.get("val/loss"))
+            if (cfg.sample_every and step % cfg.sample_every == 0) or last:
+                self._show_sample(tracker, console)
+        return val_loss
+
+    def _train_step(self) -> tuple[torch.Tensor, float, float]:
+        cfg, dist = self.cfg.train, self.dist
+        lr = lr_at(self.state.step, self.cfg.optimizer, cfg.max_steps)
+        set_lr(self.optimizer, lr)
+        self.step_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.sampler.batch(
+                self.state.step, dist.rank, dist.world_size, micro, cfg.grad_accum
+            )
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # Only the last micro-step all-reduces: earlier ones accumulate locally (DDP no_sync).
+            sync = micro == cfg.grad_accum - 1
+            with self._no_sync(sync), runtime.autocast(self.device.type, self.dtype):
+                _, loss = self.step_model(x, y)
+                loss = loss / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        grad_norm = self._clip_and_step()
+        self.state.tokens_seen += self.sampler.global_batch * self.sampler.block_size
+        return total, grad_norm, lr
+
+    def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        model = getattr(self.step_model, "_orig_mod", self.step_model)
+        if sync or not isinstance(model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def _clip_and_step(self) -> float:
+        """Clip, then step unless the global gradient is non-finite (the same on every rank)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optimizer.grad_clip or math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if math.isfinite(norm) or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # GradScaler skips non-finite fp16 steps itself
+            self.scaler.update()
+            self.state.bad_steps = 0
+        else:
+            self.state.bad_steps += 1
+            if self.state.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{self.state.bad_steps} consecutive steps had a non-finite gradient at step "
+                    f"{self.state.step}; lower optimizer.lr or raise optimizer.warmup_steps "
+                    "(the last good checkpoint is kept)"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _train_metrics(self, window: _Window, grad_norm: float, lr: float) -> dict[str, Any]:
+        loss, tokens_per_sec, seconds_per_step = window.flush(self.dist)
+        return {
+            "train/loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec * self.dist.world_size,
+            "step_time_ms": seconds_per_step * 1e3,
+            "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops,
+            "tokens_seen": self.state.tokens_seen,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, shared out among ranks."""
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)
+        for i in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
+            x, y = (t.to(self.device) for t in self.val_batches[i])
+            with runtime.autocast(self.device.type, self.dtype):
+                _, loss = self.model(x, y)
+            sums += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        distributed.all_reduce_sum(sums, self.dist)
+        return float(sums[0] / sums[1])
+
+    # ---------------------------------------------------------------- outputs
+    def _checkpoint(self, val_loss: float | None) -> None:
+        """Save last.pt (and best.pt on a new best); rank 0 writes, every rank agrees on best."""
+        is_best = val_loss is not None and val_loss < self.state.best_val_loss
+        if is_best:
+            self.state.best_val_loss = val_loss
+        if not self.dist.is_main:
+            return
+        folder = checkpoint.checkpoint_dir(self.run_dir)
+        checkpoint.save(self._checkpoint_state(), folder / checkpoint.LAST)
+        if is_best:
+            checkpoint.link_or_copy(folder / checkpoint.LAST, folder / checkpoint.BEST)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "model_config": asdict(self.model.config),
+            "tokenizer": self.corpus.tokenizer.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "train_state": asdict(self.state),
+            "rng": _rng_state(self.device),
+            "config": as_dict(self.cfg),
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _show_sample(self, tracker: Any, console: Console) -> None:
+        if not self.dist.is_main:
+            return
+        tok = self.corpus.tokenizer
+        prompt = torch.tensor([tok.encode("def ")], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
+        ids = [
+            int(t[0])
+            for t in generate(self.model, prompt, 120, temperature=0.8, top_k=40, generator=gen)
+        ]
+        torch.set_rng_state(rng)
+        text = "def " + tok.decode(ids)
+        tracker.log(self.state.step, {"sample": text})
+        console.print(f"--- sample at step {self.state.step} ---\n{text}\n---")
+
+    def _write_run_json(self, status: str, **extra: Any) -> None:
+        if not self.dist.is_main:
+            return
+        info = {
+            "status": status,
+            "overrides": self.overrides,
+            "config": as_dict(self.cfg),
+            "params": self.model.num_params(),
+            "params_non_embedding": self.model.num_params(non_embedding=True),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "peak_flops_source": self.peak_source,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "world_size": self.dist.world_size,
+            "distributed": self.dist.describe(),
+            "global_batch": self.sampler.global_batch,
+            "data": self.corpus.meta,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "versions": runtime.versions(),
+            "steps": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "best_val_loss": _finite_or_none(self.state.best_val_loss),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **{k: _finite_or_none(v) for k, v in extra.items()},
+        }
+        path = self.run_dir / RUN_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+class _Window:
+    """Loss and throughput since the last log line, read with one host sync per log line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.steps = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, dist: Dist) -> tuple[float, float, float]:
+        mean = distributed.all_reduce_mean(self.loss / max(1, self.steps), dist)
+        loss = float(mean)  # the one sync of the window
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = (loss, self.tokens / elapsed, elapsed / max(1, self.steps))
+        self.loss = torch.zeros((), device=self.device)
+        self.steps = self.tokens = 0
+        self.start = time.perf_counter()
+        return out
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], rank: int, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("train.dtype=float16 is for CUDA; on CPU use float32 or bfloat16")
+
+
+def _shape(model_config: dict[str, Any]) -> str:
+    keys = ("n_layer", "n_head", "d_model", "block_size", "vocab_size")
+    return ", ".join(f"{k}={model_config.get(k)}" for k in keys)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else math.inf
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,103 @@
+"""Bad input gets one clear line naming the option, a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_entry, tiny_train_args
+
+pytestmark = pytest.mark.slow
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["model.n_head=5"], ["model.n_head=5", "model.d_model"]),
+        (["train.dtype=float8"], ["train.dtype", "bfloat16"]),
+        (["optimizer.min_lr=1.0"], ["optimizer.min_lr"]),
+        (["data.paths=[/nonexistent/*.txt]"], ["/nonexistent/*.txt"]),
+        (["model.block_size=100000"], ["block_size"]),
+        (["resume=/nonexistent/last.pt"], ["resume", "/nonexistent/last.pt"]),
+    ],
+)
+def test_bad_training_option_is_one_clear_line(
+    overrides: list[str], needles: list[str], alphabet_corpus: Path, tmp_path: Path
+) -> None:
+    args = tiny_train_args(alphabet_corpus, tmp_path / "run", tmp_path / "cache", *overrides)
+    assert_one_line_error(run_entry("train.py", *args, cwd=tmp_path), *needles)
+
+
+def test_empty_corpus_is_one_clear_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "empty"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("")
+    (corpus / "b.txt").write_text("")
+    args = tiny_train_args(corpus, tmp_path / "run", tmp_path / "cache")
+    assert_one_line_error(run_entry("train.py", *args, cwd=tmp_path), "empty")
+
+
+def test_resume_of_another_model_shape_is_refused(alphabet_corpus: Path, tmp_path: Path) -> None:
+    args = tiny_train_args(
+        alphabet_corpus,
+        tmp_path / "run",
+        tmp_path / "cache",
+        "train.max_steps=2",
+        "train.eval_every=0",
+    )
+    assert run_entry("train.py", *args, cwd=tmp_path).returncode == 0
+    again = run_entry("train.py", *args, "model.n_layer=3", cwd=tmp_path)
+    assert_one_line_error(again, "another shape", "n_layer=2")
+
+
+@pytest.fixture
+def not_a_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["checkpoint=/nonexistent.pt"], ["/nonexistent.pt", "does not exist"]),
+        (["checkpoint=NOTCKPT"], ["not a minigpt checkpoint"]),
+        (["checkpoint=NOTCKPT", "temperature=0"], ["temperature=0"]),
+        (["checkpoint=NOTCKPT", "top_k=0"], ["top_k=0"]),
+        (["checkpoint=NOTCKPT", "top_p=1.5"], ["top_p=1.5"]),
+        (["checkpoint=NOTCKPT", "top_p=0"], ["top_p=0"]),
+        ([], ["checkpoint"]),
+    ],
+)
+def test_bad_generate_option_is_one_clear_line(
+    args: list[str], needles: list[str], not_a_checkpoint: Path, tmp_path: Path
+) -> None:
+    args = [a.replace("NOTCKPT", str(not_a_checkpoint)) for a in args]
+    assert_one_line_error(run_entry("generate.py", *args, cwd=tmp_path), *needles)
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "minigpt", "version": 1, "model": Payload()}, path)
+    result = run_entry("generate.py", f"checkpoint={path}", cwd=tmp_path)
+    assert_one_line_error(result, "refused")
+    assert not marker.exists()

@@ -1,0 +1,104 @@
+"""Config composition and validation through Hydra's own compose API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from minigpt.config import Config, ConfigError, GenerateConfig, register_configs, to_object
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+MODELS = ["tiny", "small", "medium", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+
+
+def compose_config(*overrides: str, name: str = "config"):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_defaults_compose_into_typed_config() -> None:
+    cfg = to_object(compose_config())
+    assert isinstance(cfg, Config)
+    assert cfg.model.name == "small"
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model, cfg.model.block_size) == (
+        6,
+        6,
+        384,
+        256,
+    )
+    assert cfg.data.source == "stdlib" and cfg.data.tokenizer == "byte"
+    assert cfg.optimizer.name == "adamw"
+    assert cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_preset_is_valid(model: str) -> None:
+    cfg = to_object(compose_config(f"model={model}"))
+    assert cfg.model.name == model
+    assert cfg.model.d_model % cfg.model.n_head == 0
+
+
+def test_gpt2_presets_have_gpt2_shapes() -> None:
+    shapes = {m: to_object(compose_config(f"model={m}")).model for m in MODELS[3:]}
+    as_tuple = {m: (c.n_layer, c.n_head, c.d_model, c.block_size) for m, c in shapes.items()}
+    assert as_tuple == {
+        "gpt2": (12, 12, 768, 1024),
+        "gpt2-medium": (24, 16, 1024, 1024),
+        "gpt2-large": (36, 20, 1280, 1024),
+        "gpt2-xl": (48, 25, 1600, 1024),
+    }
+
+
+def test_vocab_size_is_filled_from_the_tokenizer() -> None:
+    cfg = to_object(compose_config("model=tiny"))
+    assert cfg.model.vocab_size is None
+    assert cfg.model.gpt_config(256).vocab_size == 256
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        to_object(compose_config("model=tiny", "model.vocab_size=100")).model.gpt_config(256)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_head=5", "model.n_head=5 must divide model.d_model=384"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("data.tokenizer=wordpiece", "data.tokenizer='wordpiece' is not allowed; use one of: byte"),
+        ("data.val_fraction=0.9", "data.val_fraction"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("optimizer.betas=[0.9]", "optimizer.betas"),
+        ("train.device=tpu", "train.device='tpu'"),
+        ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+        ("train.dtype=fp8", "train.dtype='fp8'"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        to_object(compose_config(override))
+
+
+def test_wrong_type_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(Exception, match="n_layer"):
+        to_object(compose_config("model.n_layer=many"))
+
+
+def test_text_data_needs_paths() -> None:
+    with pytest.raises(Exception, match="paths"):
+        to_object(compose_config("data=text"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("temperature=0", "temperature=0"), ("top_k=0", "top_k=0"), ("top_p=1.01", "top_p=1.01")],
+)
+def test_generate_config_validates_sampling_options(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        to_object(compose_config("checkpoint=x.pt", override, name="generate"))
+
+
+def test_generate_defaults() -> None:
+    cfg = to_object(compose_config("checkpoint=x.pt", name="generate"))
+    assert isinstance(cfg, GenerateConfig)
+    assert (cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.num_samples) == (200, 0.8, 40, 1)

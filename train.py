@@ -1,0 +1,34 @@
+"""Train a GPT: ``python train.py [group=option ...] [key=value ...]`` (see README.md)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from minigpt.cli import follower_overrides, user_errors_as_one_line
+from minigpt.config import register_configs, to_object
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> float:
+    """Returns the final validation loss, so that Hydra sweepers (Optuna, Ax) can minimise it."""
+    from minigpt.trainer import TrainingError, train  # after Hydra has parsed the command line
+
+    config = to_object(cfg)
+    hydra_cfg = HydraConfig.get()
+    try:
+        return train(config, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.argv += follower_overrides(sys.argv[1:])
+    main()
