@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -40,3 +41,25 @@ def follower_overrides(argv: list[str]) -> list[str]:
     if distributed.detect().rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv):
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Quote free-text values (prompts) for Hydra, so ``prompt="def main("`` works as typed.
+
+    The shell strips the user's quotes and Hydra's override grammar rejects ``(``, ``,``, ``[``
+    and more in a bare value. A value already in Hydra quotes (``'prompt="x"'``) is left alone.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in keys and not _hydra_quoted(value):
+            # Hydra unescapes only backslashes before a quote or at the end, and escaped quotes.
+            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+            value = value.replace("'", "\\'")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def _hydra_quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from minigpt.config import Config, ConfigError, GenerateConfig, register_configs, to_object
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
-MODELS = ["tiny", "small", "medium", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+MODELS = ["tiny", "mini", "small", "medium", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 
 
 def compose_config(*overrides: str, name: str = "config"):
@@ -22,12 +22,12 @@ def compose_config(*overrides: str, name: str = "config"):
 def test_defaults_compose_into_typed_config() -> None:
     cfg = to_object(compose_config())
     assert isinstance(cfg, Config)
-    assert cfg.model.name == "small"
+    assert cfg.model.name == "mini"
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model, cfg.model.block_size) == (
-        6,
-        6,
-        384,
+        4,
+        4,
         256,
+        128,
     )
     assert cfg.data.source == "stdlib" and cfg.data.tokenizer == "byte"
     assert cfg.optimizer.name == "adamw"
@@ -42,7 +42,7 @@ def test_every_model_preset_is_valid(model: str) -> None:
 
 
 def test_gpt2_presets_have_gpt2_shapes() -> None:
-    shapes = {m: to_object(compose_config(f"model={m}")).model for m in MODELS[3:]}
+    shapes = {m: to_object(compose_config(f"model={m}")).model for m in MODELS[4:]}
     as_tuple = {m: (c.n_layer, c.n_head, c.d_model, c.block_size) for m, c in shapes.items()}
     assert as_tuple == {
         "gpt2": (12, 12, 768, 1024),
@@ -63,7 +63,7 @@ def test_vocab_size_is_filled_from_the_tokenizer() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.n_head=5", "model.n_head=5 must divide model.d_model=384"),
+        ("model.n_head=5", "model.n_head=5 must divide model.d_model=256"),
         ("model.dropout=1.5", "model.dropout"),
         ("data.tokenizer=wordpiece", "data.tokenizer='wordpiece' is not allowed; use one of: byte"),
         ("data.val_fraction=0.9", "data.val_fraction"),
@@ -102,3 +102,35 @@ def test_generate_defaults() -> None:
     cfg = to_object(compose_config("checkpoint=x.pt", name="generate"))
     assert isinstance(cfg, GenerateConfig)
     assert (cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.num_samples) == (200, 0.8, 40, 1)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "def main(",
+        "it's",
+        r"a\nb",
+        'x = "y"',
+        "a,b",
+        "[1, 2]",
+        "tail\\",
+        r"a\'b",
+        "f(x)\n    y",
+        "",
+    ],
+)
+def test_free_text_prompts_reach_the_config_unchanged(prompt: str) -> None:
+    from minigpt.cli import quote_free_text
+
+    (arg,) = quote_free_text([f"prompt={prompt}"], keys=("prompt",))
+    cfg = compose_config("checkpoint=x.pt", arg, name="generate")
+    assert cfg.prompt == prompt
+
+
+def test_prompts_already_in_hydra_quotes_are_left_alone() -> None:
+    from minigpt.cli import quote_free_text
+
+    assert quote_free_text(["prompt='a,b'", "top_k=3"], keys=("prompt",)) == [
+        "prompt='a,b'",
+        "top_k=3",
+    ]
