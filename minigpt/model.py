@@ -292,6 +292,11 @@ class GPT(nn.Module):
         and A @ V: 2 * d_model * seq_len FLOPs each forward, times 3 for backward. This is
         nanoGPT's `estimate_mfu` numerator; `seq_len` defaults to block_size.
         """
-        T = self.config.block_size if seq_len is None else seq_len
-        c = self.config
-        return float(6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.d_model * T)
+        return self.flops_per_token_formula(self.config, seq_len)
+
+    @staticmethod
+    def flops_per_token_formula(cfg: GPTConfig, seq_len: int | None = None) -> float:
+        """`flops_per_token` from the config alone (for plans made before building a model)."""
+        T = cfg.block_size if seq_len is None else seq_len
+        non_embedding = GPT.param_count_formula(cfg) - cfg.block_size * cfg.d_model
+        return float(6 * non_embedding + 12 * cfg.n_layer * cfg.d_model * T)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,21 +25,64 @@ class Result:
     stderr: str
 
 
+# Variables of an enclosing launcher (a CI job inside SLURM, say) that must not leak into the
+# processes a test starts: each test decides how its processes are launched.
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment, offline, without SLURM or torchrun variables."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SUBMITIT_")) and k not in LAUNCHER_VARS
+    }
+    return {
+        **env,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(extra or {}),
+    }
+
+
 def run_entry(
     script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> Result:
     """Run ``python <script> args...`` from the repository, offline, as a user would."""
-    full_env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
+    return run_command([sys.executable, str(ROOT / script), *args], cwd, env, timeout)
+
+
+def run_torchrun(
+    nproc: int, script: str | Path, *args: str, cwd: Path, timeout: float = 300
+) -> Result:
+    """Run ``torchrun --nproc_per_node N script args...`` on localhost with a free port."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    launcher += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return run_command([*launcher, str(ROOT / script), *args], cwd, None, timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_command(
+    argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> Result:
+    """Run ``argv`` with a clean, offline environment; a hang fails at ``timeout``."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        argv,
         cwd=cwd,
-        env=full_env,
+        env=clean_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

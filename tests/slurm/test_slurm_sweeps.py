@@ -1,0 +1,151 @@
+"""Sweeps submitted to a real SLURM cluster through hydra-submitit-launcher, 2 DDP ranks per job.
+
+Needs the one-node cluster of scripts/slurm_cluster.sh (CI starts it). Every wait is bounded:
+a job that never ends fails the test at its timeout instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_metrics, run_entry
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+JOB_TIMEOUT_S = 420
+
+
+def _data_args(corpus: Path, cache: Path, sweep_dir: Path) -> list[str]:
+    return [
+        "data=text",
+        f"data.paths=[{corpus}/*.txt]",
+        f"data.cache_dir={cache}",
+        "data.num_proc=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        "train.batch_size=4",
+        "train.max_steps=12",
+        "train.eval_every=6",
+        "train.eval_steps=2",
+        "train.log_every=3",
+        "train.device=cpu",
+        "optimizer.warmup_steps=2",
+    ]
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def _assert_ddp_job_completed(job_dir: Path, steps: int = 12) -> dict:
+    info = json.loads((job_dir / "run.json").read_text())
+    assert info["status"] == "completed", info
+    assert info["world_size"] == 2 and info["global_batch"] == 8
+    dist = info["distributed"]
+    assert dist["launcher"] == "slurm" and dist["backend"] == "gloo"
+    assert dist["slurm_job_id"] and dist["master_addr"] and dist["ranks_per_node"] == 2
+    assert (job_dir / "checkpoints" / "last.pt").is_file()
+    assert (job_dir / "checkpoints" / "best.pt").is_file()
+    events = read_metrics(job_dir)
+    assert [e["step"] for e in events if "val/loss" in e] == [6, 12]
+    assert info["steps"] == steps
+    return info
+
+
+def test_model_sweep_runs_one_ddp_job_per_point(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "model=tiny,mini",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=15",
+        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    jobs = _job_dirs(sweep_dir)
+    assert [p.name for p in jobs] == ["0", "1"]
+    infos = [_assert_ddp_job_completed(job) for job in jobs]
+    assert [i["config"]["model"]["name"] for i in infos] == ["tiny", "mini"]
+    assert infos[0]["params"] < infos[1]["params"]
+    assert infos[0]["distributed"]["slurm_job_id"] != infos[1]["distributed"]["slurm_job_id"]
+
+
+def test_named_sweep_with_the_cpu_cluster_preset(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "+sweep=lr",
+        "cluster=slurm_cpu",
+        "model=tiny",
+        "optimizer.lr=1e-3,3e-3",  # the command line narrows the sweep's own values
+        "hydra.launcher.timeout_min=15",
+        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    infos = [_assert_ddp_job_completed(job) for job in _job_dirs(sweep_dir)]
+    assert [i["config"]["optimizer"]["lr"] for i in infos] == [1e-3, 3e-3]
+    assert all(i["config"]["cluster"]["name"] == "slurm_cpu" for i in infos)
+    assert (sweep_dir / "multirun.yaml").is_file()
+
+
+def test_submit_and_return_then_collect_from_the_folder(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "cluster=slurm_cpu",
+        "model=tiny",
+        "train.seed=1,2",
+        "hydra.launcher.wait=false",
+        "hydra.launcher.timeout_min=15",
+        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
+        cwd=tmp_path,
+        timeout=120,  # returns once submitted, long before the jobs end
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    job_ids = re.findall(r"job (\d+(?:_\d+)?):", result.stdout)
+    assert len(job_ids) == 2, result.stdout
+    assert str(sweep_dir) in result.stdout
+    recorded = json.loads((sweep_dir / "submitted.json").read_text())
+    assert [r["job_id"] for r in recorded] == job_ids
+    _wait_until_gone(job_ids[0].split("_")[0], JOB_TIMEOUT_S)
+    for job in _job_dirs(sweep_dir):
+        _assert_ddp_job_completed(job)
+
+
+def _wait_until_gone(array_id: str, timeout_s: float) -> None:
+    """Poll squeue (no accounting here, so no sacct) until the job array has left the queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", array_id, "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0 and not out.stdout.strip():
+            return
+        if out.returncode != 0 and "Invalid job id" in out.stderr:
+            return
+        time.sleep(2)
+    subprocess.run(["scancel", array_id], check=False)
+    pytest.fail(f"SLURM job {array_id} still queued or running after {timeout_s} s")
