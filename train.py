@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minigpt.cli import follower_overrides, user_errors_as_one_line
+from minigpt.cli import follower_overrides, job_info, user_errors_as_one_line
 from minigpt.config import register_configs, to_object
 
 register_configs()
@@ -18,15 +18,20 @@ register_configs()
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float:
     """Returns the final validation loss, so that Hydra sweepers (Optuna, Ax) can minimise it."""
-    from minigpt.trainer import TrainingError, train  # after Hydra has parsed the command line
+    from minigpt.signals import StopRequested  # after Hydra has parsed the command line
+    from minigpt.trainer import TrainingError, train
 
     config = to_object(cfg)
     hydra_cfg = HydraConfig.get()
     try:
-        return train(config, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        overrides = list(hydra_cfg.overrides.task)
+        return train(config, hydra_cfg.runtime.output_dir, overrides, job_info(hydra_cfg))
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except StopRequested as stop:
+        print(f"{stop}; run the same command again to resume", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

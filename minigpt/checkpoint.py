@@ -20,6 +20,7 @@ FORMAT = "minigpt"
 VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
+STEP_PATTERN = "step_*.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -45,12 +46,35 @@ def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; teammates may read checkpoints
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def save_step(state: dict[str, Any], folder: Path, step: int, keep_last: int, best: bool) -> Path:
+    """Save ``step_XXXXXXX.pt`` atomically, point last.pt (and best.pt) at it, prune old steps.
+
+    last.pt and best.pt are hard links: one write per save however many names the file has, and
+    pruning a step file never takes the data of last.pt or best.pt with it.
+    """
+    path = folder / f"step_{step:07d}.pt"
+    save(state, path)
+    link_or_copy(path, folder / LAST)
+    if best:
+        link_or_copy(path, folder / BEST)
+    for old in step_checkpoints(folder)[:-keep_last]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    return path
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The step files of a folder, oldest first (temp files of interrupted saves are not listed)."""
+    return sorted(p for p in folder.glob(STEP_PATTERN) if p.stem.removeprefix("step_").isdigit())
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -66,6 +90,12 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         return
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -132,7 +162,12 @@ def load_model(
     from minigpt.model import GPT, GPTConfig  # only inference needs the model classes here
     from minigpt.tokenizer import tokenizer_from_state
 
-    state = load(path, map_location=device)
+    if Path(path).suffix == ".safetensors":
+        from minigpt.export import load as load_export
+
+        state = load_export(path, device)
+    else:
+        state = load(path, map_location=device)
     try:
         model = GPT(GPTConfig(**state["model_config"]))
         model.load_state_dict(state["model"])

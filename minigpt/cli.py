@@ -1,16 +1,26 @@
-"""What the entry points share: one-line user errors, and Hydra settings for follower ranks."""
+"""What the entry points share: one-line user errors, Hydra settings for follower ranks, and the
+job's place in a sweep (for the trackers)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import filter_overrides
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from minigpt import distributed
 from minigpt.checkpoint import CheckpointError
 from minigpt.config import ConfigError
+from minigpt.tracking import JobInfo
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
 EXIT_USER_ERROR = 2
@@ -41,6 +51,52 @@ def follower_overrides(argv: list[str]) -> list[str]:
     if distributed.detect().rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv):
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def job_info(hydra_cfg: DictConfig) -> JobInfo:
+    """How trackers name this run: the jobs of one multirun share a group named after the sweep
+    folder, and each is named by the values it was given of the swept keys."""
+    overrides = filter_overrides(list(hydra_cfg.overrides.task))
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return JobInfo(name=" ".join(overrides) or None)
+    sweep_dir = Path(str(hydra_cfg.sweep.dir))
+    swept = _swept_keys(sweep_dir, hydra_cfg)
+    own = [o for o in overrides if _key(o) in swept]
+    name = " ".join(own or overrides) or f"job {hydra_cfg.job.num}"
+    return JobInfo(name=name, group=_short_path(sweep_dir))
+
+
+def _swept_keys(sweep_dir: Path, hydra_cfg: DictConfig) -> set[str]:
+    """Keys given several values: on the command line (kept by Hydra's basic sweeper in
+    ``multirun.yaml``) or in ``hydra.sweeper.params`` (the named sweeps of ``sweeps/``)."""
+    params = OmegaConf.to_container(hydra_cfg.sweeper, resolve=False).get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()]
+    saved = sweep_dir / "multirun.yaml"
+    if saved.exists():  # unresolved: an override may hold a ${...} that only the job resolves
+        task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task")
+        lines += OmegaConf.to_container(task, resolve=False) if task is not None else []
+    parser = OverridesParser.create()
+    swept = set()
+    for line in lines:
+        with contextlib.suppress(HydraException):  # naming a run must never fail the run
+            override = parser.parse_override(str(line))
+            if override.is_sweep_override():
+                swept.add(override.key_or_group)
+    return swept
+
+
+def _key(override: str) -> str:
+    return OverridesParser.create().parse_override(override).key_or_group
+
+
+def _short_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it: the folder a user recognises."""
+    resolved = path.resolve()
+    try:
+        shown = str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(resolved)
+    return shown[-128:]  # W&B group names are at most 128 characters
 
 
 def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:

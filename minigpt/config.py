@@ -211,7 +211,7 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     name: str | None = None
-    mode: str | None = None
+    mode: str | None = None  # None: $WANDB_MODE, else offline (minigpt.tracking.wandb_mode)
 
     def __post_init__(self) -> None:
         _require(

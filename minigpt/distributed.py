@@ -434,6 +434,15 @@ def broadcast_object(obj: Any, dist: Dist, src: int = 0) -> Any:
     return payload[0]
 
 
+def gather_objects(obj: Any, dist: Dist) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (e.g. RNG states to save)."""
+    if not dist.is_distributed:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 # --- small readers ------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 import time
@@ -64,6 +65,29 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Memory in GiB, for the trackers: the process's resident set, and on a GPU what PyTorch
+    holds now and at its peak (the figure that decides whether a bigger batch fits)."""
+    out = {}
+    rss = _rss_bytes()
+    if rss is not None:
+        out["memory/rss_gb"] = rss / 2**30
+    if device.type == "cuda":
+        out["memory/gpu_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        out["memory/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["memory/gpu_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+    return out
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size from /proc (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def versions() -> dict[str, str]:

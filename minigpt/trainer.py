@@ -11,11 +11,13 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,7 +28,8 @@ from minigpt.distributed import Dist
 from minigpt.model import GPT
 from minigpt.optim import build_optimizer, lr_at, set_lr
 from minigpt.sample import generate
-from minigpt.tracking import Console, build_tracker
+from minigpt.signals import StopRequested, StopSignals
+from minigpt.tracking import Console, JobInfo, build_tracker
 
 RUN_FILE = "run.json"
 
@@ -42,27 +45,56 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     best_val_loss: float = math.inf
-    bad_steps: int = 0
+    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+    skipped_steps: int = 0  # all of them, for the logs
 
 
 def train(
-    cfg: Config, run_dir: str | os.PathLike[str], overrides: list[str] | None = None
+    cfg: Config,
+    run_dir: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    job: JobInfo | None = None,
 ) -> float:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the final validation loss."""
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the final validation loss.
+
+    Raises StopRequested after SIGUSR2/SIGTERM, once every rank has stopped at the same step and
+    the checkpoint is written; the signal has then been handed to the handler it displaced
+    (under submitit, rank 0's requeues the job and exits).
+    """
     dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
+    stop = StopSignals().install()
     try:
         # Every rank must use rank 0's folder: their own Hydra may have picked another timestamp.
         run_dir = Path(distributed.broadcast_object(str(Path(run_dir).resolve()), dist))
-        return Trainer(cfg, run_dir, dist, overrides or []).fit()
+        return Trainer(cfg, run_dir, dist, overrides or [], job, stop).fit()
+    except StopRequested as request:
+        distributed.teardown(dist)
+        stop.hand_over(request.signum)
+        if not dist.is_main:
+            request.exit_code = 0  # a failing follower would make srun kill rank 0 mid-requeue
+        raise
     finally:
+        stop.uninstall()
         distributed.teardown(dist)
 
 
 class Trainer:
     """One training run on this rank."""
 
-    def __init__(self, cfg: Config, run_dir: Path, dist: Dist, overrides: list[str]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        dist: Dist,
+        overrides: list[str],
+        job: JobInfo | None = None,
+        stop: StopSignals | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.dist, self.overrides = cfg, run_dir, dist, overrides
+        self.stop = stop or StopSignals()
+        self._saved_step = -1
+        self.job = job or JobInfo()
+        self.logger_run_id: str | None = None  # the W&B run; a checkpoint carries it to a resume
         self.device = torch.device(dist.device)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type)
         _check_dtype(self.dtype, self.device)
@@ -84,6 +116,8 @@ class Trainer:
         self.step_model = self._wrap(self.model)
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops, self.peak_source = runtime.peak_flops(self.device, self.dtype)
+        if self.resumed_from is not None:  # last: set-up above draws random numbers too
+            _set_rng_state(self._resume_rng, self.dist.rank, self.device)
 
     # ---------------------------------------------------------------- set-up
     def _prepare_corpus(self) -> Corpus:
@@ -122,7 +156,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.state = TrainState(**ckpt["train_state"])
-        _set_rng_state(ckpt["rng"], self.dist.rank, self.device)
+        self.logger_run_id = ckpt.get("logger_run_id")
+        self._resume_rng = ckpt["rng"]
         return path
 
     # ---------------------------------------------------------------- the loop
@@ -134,7 +169,12 @@ class Trainer:
             self.run_dir,
             enabled=main,
             resume_step=self.state.step if self.resumed_from else None,
+            config={**as_dict(self.cfg), "params": self.model.num_params()},
+            job=self.job,
+            run_id=self.logger_run_id,
         )
+        self.logger_run_id = tracker.run_id or self.logger_run_id
+        self.clock = _WallClock(self.run_dir / RUN_FILE, resumed=self.resumed_from is not None)
         console = Console(cfg.progress, cfg.max_steps, self.state.step, enabled=main)
         self._write_run_json("running")
         if self.resumed_from:
@@ -143,6 +183,10 @@ class Trainer:
         try:
             val_loss = self._loop(tracker, console)
             status = "completed"
+        except StopRequested as request:
+            status = "interrupted"
+            console.print(f"{request}: checkpoint saved; the job resumes from it when restarted")
+            raise
         finally:
             console.close()
             tracker.finish(status)
@@ -172,9 +216,29 @@ class Trainer:
                 console.step(step, metrics)
             if "val/loss" in metrics or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 self._checkpoint(metrics.get("val/loss"))
-            if (cfg.sample_every and step % cfg.sample_every == 0) or last:
-                self._show_sample(tracker, console)
+            shown = (cfg.sample_every and step % cfg.sample_every == 0) or last
+            if shown or "val/loss" in metrics:  # every evaluation adds a row to the samples table
+                self._show_sample(tracker, console, echo=bool(shown))
+            if not math.isfinite(grad_norm):
+                console.print(
+                    f"step {step}: non-finite loss or gradient norm, optimizer step skipped on "
+                    f"every rank ({self.state.bad_steps} in a row, at most {cfg.max_bad_steps})"
+                )
+            self._stop_if_requested()
         return val_loss
+
+    def _stop_if_requested(self) -> None:
+        """At a step boundary: if any rank got a stop signal, all save and stop here together."""
+        signum = self.stop.signum or 0
+        if self.dist.is_distributed:  # one tiny all-reduce per step keeps the ranks in step
+            flag = torch.tensor([float(signum)], device=self.device)
+            signum = int(distributed.all_reduce_max(flag, self.dist).item())
+        if not signum:
+            return
+        if self._saved_step != self.state.step:
+            self._checkpoint(None)
+        distributed.barrier(self.dist)  # the checkpoint is on disk before anyone moves on
+        raise StopRequested(signum, self.state.step)
 
     def _train_step(self) -> tuple[torch.Tensor, float, float]:
         cfg, dist = self.cfg.train, self.dist
@@ -215,6 +279,7 @@ class Trainer:
             self.state.bad_steps = 0
         else:
             self.state.bad_steps += 1
+            self.state.skipped_steps += 1
             if self.state.bad_steps >= self.cfg.train.max_bad_steps:
                 raise TrainingError(
                     f"{self.state.bad_steps} consecutive steps had a non-finite gradient at step "
@@ -234,6 +299,8 @@ class Trainer:
             "step_time_ms": seconds_per_step * 1e3,
             "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops,
             "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.state.skipped_steps,
+            **runtime.memory_metrics(self.device),
         }
 
     @torch.no_grad()
@@ -251,18 +318,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- outputs
     def _checkpoint(self, val_loss: float | None) -> None:
-        """Save last.pt (and best.pt on a new best); rank 0 writes, every rank agrees on best."""
+        """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes.
+
+        Every rank takes part: each one's RNG state goes into the checkpoint, and all agree on
+        the best validation loss.
+        """
         is_best = val_loss is not None and val_loss < self.state.best_val_loss
         if is_best:
             self.state.best_val_loss = val_loss
+        rng = distributed.gather_objects(_rng_state(self.device), self.dist)
+        self._saved_step = self.state.step
         if not self.dist.is_main:
             return
-        folder = checkpoint.checkpoint_dir(self.run_dir)
-        checkpoint.save(self._checkpoint_state(), folder / checkpoint.LAST)
-        if is_best:
-            checkpoint.link_or_copy(folder / checkpoint.LAST, folder / checkpoint.BEST)
+        checkpoint.save_step(
+            self._checkpoint_state(rng),
+            checkpoint.checkpoint_dir(self.run_dir),
+            self.state.step,
+            keep_last=self.cfg.train.keep_last,
+            best=is_best,
+        )
 
-    def _checkpoint_state(self) -> dict[str, Any]:
+    def _checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
             "model_config": asdict(self.model.config),
@@ -270,14 +346,15 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "train_state": asdict(self.state),
-            "rng": _rng_state(self.device),
+            "rng": {"per_rank": rng},
             "config": as_dict(self.cfg),
+            "logger_run_id": self.logger_run_id,
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def _show_sample(self, tracker: Any, console: Console) -> None:
+    def _show_sample(self, tracker: Any, console: Console, echo: bool = True) -> None:
         if not self.dist.is_main:
             return
         tok = self.corpus.tokenizer
@@ -291,7 +368,8 @@ class Trainer:
         torch.set_rng_state(rng)
         text = "def " + tok.decode(ids)
         tracker.log(self.state.step, {"sample": text})
-        console.print(f"--- sample at step {self.state.step} ---\n{text}\n---")
+        if echo:
+            console.print(f"--- sample at step {self.state.step} ---\n{text}\n---")
 
     def _write_run_json(self, status: str, **extra: Any) -> None:
         if not self.dist.is_main:
@@ -317,6 +395,9 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "best_val_loss": _finite_or_none(self.state.best_val_loss),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started_at": self.clock.started_at,
+            "wall_time_s": self.clock.seconds(),
+            "logger_run_id": self.logger_run_id,
             **{k: _finite_or_none(v) for k, v in extra.items()},
         }
         path = self.run_dir / RUN_FILE
@@ -351,15 +432,49 @@ class _Window:
         return out
 
 
+class _WallClock:
+    """Wall time over every attempt of a run: a resumed run adds on to what run.json said."""
+
+    def __init__(self, run_json: Path, resumed: bool) -> None:
+        old: dict[str, Any] = {}
+        if resumed and run_json.exists():
+            with contextlib.suppress(ValueError):
+                old = json.loads(run_json.read_text(encoding="utf-8"))
+        self.started_at = old.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.before = float(old.get("wall_time_s") or 0.0)
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(self.before + time.perf_counter() - self.start, 1)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """This rank's generators, as tensors and plain tuples: weights-only loading accepts them
+    (numpy's state as an array would not)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any], rank: int, device: torch.device) -> None:
+def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> None:
+    """Restore this rank's generators; a rank the saved run did not have keeps its fresh seed."""
+    per_rank = saved.get("per_rank", [saved])
+    if rank >= len(per_rank):
+        return
+    state = per_rank[rank]
     torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 

@@ -1,0 +1,137 @@
+"""The sweep report over run folders written by hand: finished, failed, running and pending jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from minigpt import report
+
+
+def write_job(
+    folder: Path,
+    *,
+    overrides: list[str],
+    params: int | None = None,
+    status: str | None = "completed",
+    steps: int = 40,
+    loss_scale: float = 1.0,
+    max_steps: int = 40,
+) -> None:
+    """A job folder as the trainer leaves it: run.json (unless status is None) and metrics."""
+    folder.mkdir(parents=True)
+    events = []
+    for step in range(10, steps + 1, 10):
+        event = {"step": step, "train/loss": loss_scale * 5 / step**0.5, "tokens_per_sec": 1e4}
+        event["tokens_seen"] = step * 512
+        if step % 20 == 0:
+            event["val/loss"] = loss_scale * 5.5 / step**0.5
+        events.append(event)
+    if status == "failed":
+        events.append({"step": steps + 1, "train/loss": "nan"})
+    lines = [json.dumps(e) for e in events]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99, "train/lo')
+    if status is None:
+        return
+    info = {
+        "status": status,
+        "overrides": overrides,
+        "config": {"train": {"max_steps": max_steps}},
+        "params": params,
+        "steps": steps,
+        "tokens_seen": steps * 512,
+        "best_val_loss": min((e["val/loss"] for e in events if "val/loss" in e), default=None),
+        "wall_time_s": 83.0,
+    }
+    if status == "completed":
+        info["final_val_loss"] = events[-1].get("val/loss")
+    (folder / "run.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A model-size sweep: two finished sizes, one failed, one running, one not started."""
+    root = tmp_path / "multirun"
+    common = ["data=text", "train.max_steps=40"]
+    write_job(root / "0", overrides=["model.n_layer=1", *common], params=70_000)
+    write_job(root / "1", overrides=["model.n_layer=2", *common], params=120_000, loss_scale=0.9)
+    write_job(root / "2", overrides=["model.n_layer=3", *common], params=170_000, status="failed")
+    write_job(root / "3", overrides=[], status=None, steps=20)
+    (root / "3" / ".hydra").mkdir()
+    (root / "3" / ".hydra" / "overrides.yaml").write_text(
+        "- model.n_layer=4\n- data=text\n- train.max_steps=40\n- hydra.job.chdir=false\n"
+    )
+    submitted = [{"job": 4, "job_id": "77_4", "overrides": ["model.n_layer=5", *common]}]
+    (root / "submitted.json").write_text(json.dumps(submitted))
+    return root
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("|")]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[2:]}
+
+
+def test_table_has_one_row_per_job_with_its_status(sweep: Path) -> None:
+    jobs, written = report.write_report(sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert written[0] == sweep / "report.md"
+    assert markdown.count("| job | overrides | status | steps |") == 1
+    rows = _rows(markdown)
+    assert list(rows) == ["0", "1", "2", "3", "4"]
+    statuses = [rows[j][2] for j in rows]
+    assert statuses == ["completed", "completed", "**failed**", "running", "pending"]
+    assert rows["1"][1] == "`model.n_layer=2`"  # what sets the job apart; the rest said once
+    assert "Every job also had: `data=text` `train.max_steps=40`" in markdown
+    assert rows["1"][3:] == ["40/40", "0.7827", "0.7827", "10,000", "120.0k", "0:01:23"]
+    assert rows["2"][5] == "—"  # a failed run has no final val loss
+    assert rows["3"][1] == "`model.n_layer=4`" and rows["3"][3] == "20"
+    assert rows["4"][1] == "`model.n_layer=5`"
+
+
+def test_plots_are_written_for_every_job_and_for_the_size_sweep(sweep: Path) -> None:
+    _, written = report.write_report(sweep)
+    names = sorted(p.name for p in written[1:])
+    assert names == sorted([report.LOSS_VS_STEP, report.LOSS_VS_TOKENS, report.VAL_LOSS_VS_PARAMS])
+    for path in written[1:]:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert width > 600 and height > 400
+        assert f"]({path.name})" in (sweep / "report.md").read_text()
+
+
+def test_no_size_plot_when_the_jobs_have_one_size(tmp_path: Path) -> None:
+    for i, lr in enumerate(("1e-3", "3e-3")):
+        write_job(tmp_path / str(i), overrides=[f"optimizer.lr={lr}"], params=70_000)
+    _, written = report.write_report(tmp_path)
+    assert report.VAL_LOSS_VS_PARAMS not in {p.name for p in written}
+    assert (tmp_path / report.LOSS_VS_TOKENS).exists()
+
+
+def test_a_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
+    run = tmp_path / "2026-11-25" / "14-03-07"
+    write_job(run, overrides=["model=tiny"], params=70_000, status="running", steps=30)
+    out = tmp_path / "report"
+    jobs, written = report.write_report(run, out)
+    assert [(j.label, j.status, j.steps) for j in jobs] == [("14-03-07", "running", 30)]
+    assert written[0] == out / "report.md" and (out / report.LOSS_VS_STEP).exists()
+
+
+def test_metrics_reader_skips_a_cut_line_and_reads_nan(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": "nan"}\n{"step": 2, "tr')
+    (event,) = report.read_events(path)
+    assert event["step"] == 1 and event["train/loss"] != event["train/loss"]
+
+
+def test_command_line_prints_the_table_and_fails_on_a_folder_without_runs(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | `model.n_layer=3` | **failed** |" in out and "loss_vs_step.png" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+    assert "holds no run" in capsys.readouterr().err
