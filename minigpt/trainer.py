@@ -96,7 +96,7 @@ class Trainer:
         self.job = job or JobInfo()
         self.logger_run_id: str | None = None  # the W&B run; a checkpoint carries it to a resume
         self.device = torch.device(dist.device)
-        self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type)
+        self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
         _check_dtype(self.dtype, self.device)
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()

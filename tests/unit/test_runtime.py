@@ -1,0 +1,54 @@
+"""train.dtype=auto on CPU: bf16 only where the CPU has fast bf16 matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt import runtime
+
+
+@pytest.fixture
+def no_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", "avx512_bf16"])
+def test_auto_picks_bf16_on_cpus_with_fast_bf16(
+    monkeypatch: pytest.MonkeyPatch, no_amx: None, flag: str
+) -> None:
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "avx512f", flag})
+    assert runtime.resolve_dtype("auto", "cpu") == torch.bfloat16
+
+
+def test_auto_picks_float32_on_cpus_without_fast_bf16(
+    monkeypatch: pytest.MonkeyPatch, no_amx: None
+) -> None:
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "avx512f", "fma"})
+    assert runtime.resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_torch_reporting_amx_is_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "_cpu_flags", set)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_BF16_AMX")
+    assert runtime.cpu_has_fast_bf16()
+
+
+def test_explicit_dtypes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"amx_bf16"})
+    assert runtime.resolve_dtype("float32", "cpu") == torch.float32
+    assert runtime.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_cpu_flags_reads_proc_cpuinfo() -> None:
+    assert isinstance(runtime._cpu_flags(), set)
+
+
+def test_auto_keeps_small_models_in_float32_even_with_amx(
+    monkeypatch: pytest.MonkeyPatch, no_amx: None
+) -> None:
+    """bf16 autocast slows narrow models down on CPU (0.8x at width 128): auto keeps fp32."""
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"amx_bf16"})
+    assert runtime.resolve_dtype("auto", "cpu", d_model=128) == torch.float32
+    assert runtime.resolve_dtype("auto", "cpu", d_model=256) == torch.float32
+    assert runtime.resolve_dtype("auto", "cpu", d_model=384) == torch.bfloat16
