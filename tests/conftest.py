@@ -111,14 +111,29 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
+def last_logged_step(metrics: Path) -> int:
+    """The step of the last complete event of a metrics.jsonl being written (-1: none yet)."""
+    steps = [-1]
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # the line being written right now
+    return max(steps)
+
+
+def text_data_args(corpus: Path, cache: Path) -> list[str]:
+    """The overrides that train on the text files of ``corpus`` with its own token cache."""
+    paths = f"data.paths=[{corpus}/*.txt]"
+    return ["data=text", paths, f"data.cache_dir={cache}", "data.num_proc=1"]
+
+
 def tiny_train_args(corpus: Path, run_dir: Path, cache: Path, *extra: str) -> list[str]:
     """The overrides of a few-second training run on ``corpus``."""
     return [
         "model=tiny",
-        "data=text",
-        f"data.paths=[{corpus}/*.txt]",
-        f"data.cache_dir={cache}",
-        "data.num_proc=1",
+        *text_data_args(corpus, cache),
         f"hydra.run.dir={run_dir}",
         "train.batch_size=8",
         "train.eval_steps=4",

@@ -22,7 +22,15 @@ import pytest
 import torch
 
 from minigpt import checkpoint
-from tests.conftest import ROOT, clean_env, read_metrics, run_entry, run_torchrun, tiny_train_args
+from tests.conftest import (
+    ROOT,
+    clean_env,
+    last_logged_step,
+    read_metrics,
+    run_entry,
+    run_torchrun,
+    tiny_train_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +64,7 @@ def _interrupt(argv: list[str], cwd: Path, run_dir: Path, sig: int, after_step: 
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if _last_step(metrics) >= after_step:
+            if last_logged_step(metrics) >= after_step:
                 proc.send_signal(sig)
                 break
             time.sleep(0.05)
@@ -65,19 +73,6 @@ def _interrupt(argv: list[str], cwd: Path, run_dir: Path, sig: int, after_step: 
         proc.kill()
     assert "checkpoint saved" in out, out[-2000:]
     return proc.returncode
-
-
-def _last_step(metrics: Path) -> int:
-    """The last complete event's step (the file is being appended to while we read it)."""
-    if not metrics.exists():
-        return -1
-    steps = [-1]
-    for line in metrics.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return max(steps)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from minigpt.config import register_configs, to_object
-from tests.conftest import ROOT, run_entry
+from tests.conftest import ROOT, run_entry, text_data_args
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 
@@ -49,10 +49,7 @@ def test_named_sweep_runs_on_the_local_launcher(
         "+sweep=lr",
         "optimizer.lr=1e-3,3e-3",
         "model=tiny",
-        "data=text",
-        f"data.paths=[{alphabet_corpus}/*.txt]",
-        f"data.cache_dir={cache_dir}",
-        "data.num_proc=1",
+        *text_data_args(alphabet_corpus, cache_dir),
         "train.batch_size=4",
         "train.max_steps=4",
         "train.eval_steps=2",

@@ -10,23 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_entry
+from tests.conftest import last_logged_step, read_metrics, run_entry, text_data_args
 from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 STEPS = 600
-
-
-def _last_step(metrics: Path) -> int:
-    steps = [-1]
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return max(steps)
 
 
 def test_preempted_job_is_requeued_and_resumes_where_it_stopped(
@@ -40,10 +29,7 @@ def test_preempted_job_is_requeued_and_resumes_where_it_stopped(
         "model=tiny",
         "hydra.launcher.wait=false",
         "hydra.launcher.timeout_min=15",
-        "data=text",
-        f"data.paths=[{alphabet_corpus}/*.txt]",
-        f"data.cache_dir={cache_dir}",
-        "data.num_proc=1",
+        *text_data_args(alphabet_corpus, cache_dir),
         f"hydra.sweep.dir={sweep_dir}",
         "train.batch_size=4",
         f"train.max_steps={STEPS}",
@@ -60,7 +46,7 @@ def test_preempted_job_is_requeued_and_resumes_where_it_stopped(
     job_dir = sweep_dir / "0"
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while _last_step(job_dir / "metrics.jsonl") < 30:
+    while last_logged_step(job_dir / "metrics.jsonl") < 30:
         assert time.monotonic() < deadline, "the job never started training"
         time.sleep(0.2)
     # What SLURM sends before a time limit (--signal=USR2@...) or on preemption, to every task.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_entry
+from tests.conftest import read_metrics, run_entry, text_data_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -23,10 +23,7 @@ JOB_TIMEOUT_S = 420
 
 def _data_args(corpus: Path, cache: Path, sweep_dir: Path) -> list[str]:
     return [
-        "data=text",
-        f"data.paths=[{corpus}/*.txt]",
-        f"data.cache_dir={cache}",
-        "data.num_proc=1",
+        *text_data_args(corpus, cache),
         f"hydra.sweep.dir={sweep_dir}",
         "train.batch_size=4",
         "train.max_steps=12",
