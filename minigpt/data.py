@@ -21,16 +21,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import huggingface_hub.constants as hf_constants
 import numpy as np
 import torch
-from datasets import Dataset, Features, List, Value
 
 from minigpt.config import ConfigError, DataConfig
 from minigpt.tokenizer import Tokenizer, build_tokenizer, can_reach, tokenizer_from_state
+
+if TYPE_CHECKING:
+    # ``datasets`` (with pandas and pyarrow) takes about 1 s to import; a run whose token cache
+    # is warm never needs it, so it is imported only where a cache is built.
+    from datasets import Dataset
 
 # Bump when the cache layout or tokenization changes, so old caches are not reused.
 FORMAT_VERSION = 1
@@ -150,6 +152,8 @@ def _key_inputs(cfg: DataConfig, files: list[Path]) -> dict[str, Any]:
 
 def _load_documents(cfg: DataConfig, files: list[Path], work: Path) -> Dataset:
     """One row per document with a ``text`` column; empty documents dropped."""
+    from datasets import Dataset
+
     if cfg.source == "hub":
         docs = _load_hub(cfg).filter(
             lambda batch: [bool(t) for t in batch["text"]],
@@ -176,6 +180,9 @@ def _empty_corpus_message(cfg: DataConfig) -> str:
 
 def _load_hub(cfg: DataConfig) -> Dataset:
     """``load_dataset`` that fails in seconds, not after minutes of retries, without a network."""
+    import datasets
+    import huggingface_hub.constants as hf_constants
+
     offline = hf_constants.HF_HUB_OFFLINE or not can_reach(hf_constants.ENDPOINT)
     try:
         with _hub_offline(offline):
@@ -202,6 +209,9 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
     In offline mode a dataset already in the local cache still loads.
     """
+    import datasets
+    import huggingface_hub.constants as hf_constants
+
     saved = hf_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
     if offline:
         hf_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
@@ -216,6 +226,8 @@ def split_documents(docs: Dataset, val_fraction: float, seed: int) -> tuple[Data
 
     A single document is cut by characters instead: its last ``val_fraction`` becomes val.
     """
+    from datasets import Dataset
+
     n = len(docs)
     if n == 1:
         text = docs[0]["text"]
@@ -290,6 +302,8 @@ def _map_procs(n_docs: int, num_proc: int, tokenizer: Tokenizer) -> int:
 
 def _tokenize(ds: Dataset, tokenizer: Tokenizer, num_proc: int, cache_file: Path) -> Dataset:
     """A dataset with one ``ids`` row per document, each ending with the document separator."""
+    from datasets import Features, List, Value
+
     sep = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode(DOC_SEPARATOR)
     return ds.map(
         partial(_encode_batch, tokenizer=tokenizer, sep=sep),

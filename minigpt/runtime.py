@@ -116,6 +116,20 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return out
 
 
+def seconds_since_launch() -> float | None:
+    """How long this process has existed (Linux; None elsewhere): start-up cost includes the
+    interpreter and every import, which a timer started inside the program cannot see."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 22 (starttime, clock ticks after boot) follows the ")" that ends the name.
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _rss_bytes() -> int | None:
     """Current resident set size from /proc (Linux; None elsewhere)."""
     try:

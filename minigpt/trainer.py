@@ -95,6 +95,7 @@ class Trainer:
         self._saved_step = -1
         self.job = job or JobInfo()
         self.logger_run_id: str | None = None  # the W&B run; a checkpoint carries it to a resume
+        self.startup_s: float | None = None
         self.device = torch.device(dist.device)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
         _check_dtype(self.dtype, self.device)
@@ -197,6 +198,7 @@ class Trainer:
         cfg = self.cfg.train
         window = _Window(self.device)
         val_loss = math.nan
+        self.startup_s = runtime.seconds_since_launch()
         while self.state.step < cfg.max_steps:
             loss, grad_norm, lr = self._train_step()
             self.state.step += 1
@@ -397,6 +399,7 @@ class Trainer:
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": self.clock.started_at,
             "wall_time_s": self.clock.seconds(),
+            "startup_s": self.startup_s,  # launch to the first step (seconds)
             "logger_run_id": self.logger_run_id,
             **{k: _finite_or_none(v) for k, v in extra.items()},
         }

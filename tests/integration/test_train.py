@@ -68,6 +68,7 @@ def test_run_folder_holds_checkpoints_metrics_and_run_json(trained: Path) -> Non
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["params"] > 0 and "torch" in info["versions"]
     assert info["config"]["model"]["name"] == "tiny"
+    assert 0 < info["startup_s"] < info["wall_time_s"] + 30  # includes the imports before the clock
     assert info["config"]["model"]["vocab_size"] is None  # filled from the tokenizer in the model
     assert info["final_val_loss"] == pytest.approx(
         [e for e in events if "val/loss" in e][-1]["val/loss"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +55,12 @@ def test_auto_keeps_small_models_in_float32_even_with_amx(
     assert runtime.resolve_dtype("auto", "cpu", d_model=128) == torch.float32
     assert runtime.resolve_dtype("auto", "cpu", d_model=256) == torch.float32
     assert runtime.resolve_dtype("auto", "cpu", d_model=384) == torch.bfloat16
+
+
+def test_seconds_since_launch_counts_from_process_start_not_from_import() -> None:
+    code = (
+        "import time; time.sleep(0.6); "
+        "from minigpt.runtime import seconds_since_launch; print(seconds_since_launch())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0.6 <= float(out.stdout) < 30
