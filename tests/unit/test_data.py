@@ -320,21 +320,6 @@ def test_uneven_batch_split_and_too_short_data_are_rejected(ramp) -> None:
         BatchSampler(ramp, 5000, 8, seed=0)
 
 
-def test_batch_assembly_is_vectorised_and_fast(tmp_path) -> None:
-    path = tmp_path / "tokens.bin"
-    np.arange(1_000_000, dtype=np.uint16).tofile(path)
-    sampler = BatchSampler(np.memmap(path, dtype=np.uint16, mode="r"), 256, 16, seed=0)
-    best = min(_time_batches(sampler, 50) for _ in range(5))
-    assert best < 1e-3
-
-
-def _time_batches(sampler: BatchSampler, n: int) -> float:
-    start = time.perf_counter()
-    for step in range(n):
-        sampler.batch(step, 0, 1, 0, 1)
-    return (time.perf_counter() - start) / n
-
-
 def test_eval_batches_are_the_same_every_time(ramp) -> None:
     first = eval_batches(ramp, 16, batch_size=4, n_batches=3)
     again = eval_batches(ramp, 16, batch_size=4, n_batches=3)
