@@ -253,6 +253,11 @@ class Trainer:
                 self.state.step, dist.rank, dist.world_size, micro, cfg.grad_accum
             )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # Dropout masks depend on the seed, the step and the slice of the global batch, not on
+            # which rank draws them: a run resumed on another world size stays bit-identical.
+            torch.manual_seed(
+                _dropout_seed(cfg.seed, self.state.step, dist.rank * cfg.grad_accum + micro)
+            )
             # Only the last micro-step all-reduces: earlier ones accumulate locally (DDP no_sync).
             sync = micro == cfg.grad_accum - 1
             with self._no_sync(sync), runtime.autocast(self.device.type, self.dtype):
@@ -463,6 +468,11 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _dropout_seed(seed: int, step: int, part: int) -> int:
+    """A well-mixed 64-bit seed for one micro-batch slice of one step."""
+    return int(np.random.SeedSequence([seed, step, part]).generate_state(1, np.uint64)[0])
 
 
 def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> None:
