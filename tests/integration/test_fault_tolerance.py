@@ -282,6 +282,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_all_ranks(
     # Steps 5 and 6 (state.step 4 and 5 when they ran) had NaN gradients; the others did not.
     assert [e["step"] for e in events if not _finite(e["grad_norm"])] == [5, 6]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert all(torch.isfinite(w).all() for w in _weights(run_dir).values())
 
 
 def test_too_many_bad_steps_stop_the_run_keeping_the_last_good_checkpoint(
