@@ -2,13 +2,15 @@
 
 A signal handler runs between two Python bytecodes, possibly in the middle of a backward pass or
 a collective, so it only records the request. The trainer looks at it at step boundaries, where
-all ranks agree to stop together, save a checkpoint, and then hand the signal over to whoever
-handled it before (submitit's handler checkpoints the job function and requeues the job).
+all ranks agree to stop together, save a checkpoint, and then hand the stop over to whoever
+handled SIGUSR2 before (submitit's handler checkpoints the job function and requeues the job).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -50,14 +52,20 @@ class StopSignals:
         # SIGTERM wins over SIGUSR2: it means the scheduler is about to kill the job.
         self.signum = max(self.signum or 0, signum)
 
-    def hand_over(self, signum: int) -> None:
-        """Give ``signum`` to the handler that was there before us, if it was a Python one.
+    def hand_over(self) -> None:
+        """Give the stop to the handler of SIGUSR2 that was there before us, if a Python one.
 
-        Under submitit that is its SignalHandler: on SIGUSR2 the task of rank 0 pickles the job
-        function again and runs ``scontrol requeue`` (then exits); on SIGTERM it only logs.
+        Under submitit that is its SignalHandler: the task of rank 0 pickles the job function
+        again and runs ``scontrol requeue`` (then exits). SIGTERM goes the same way: it is what
+        SLURM sends on preemption without a user signal, and submitit's own SIGTERM handler only
+        logs, which would end the job unfinished. When the SIGTERM came from ``scancel`` the job
+        is already cancelled, SLURM refuses the requeue, and the job just ends.
         """
-        previous = self._previous.get(signum)
+        previous = self._previous.get(signal.SIGUSR2)
         self.uninstall()
         if callable(previous):
             handler: Callable[[int, FrameType | None], Any] = previous
-            handler(signum, None)
+            try:
+                handler(signal.SIGUSR2, None)
+            except subprocess.CalledProcessError as err:  # scontrol requeue of a cancelled job
+                print(f"not requeued: {err}", file=sys.stderr, flush=True)

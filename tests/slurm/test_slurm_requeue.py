@@ -1,4 +1,11 @@
-"""Preemption on a real SLURM cluster: SIGUSR2 -> checkpoint -> requeue -> resume -> finish."""
+"""Preemption on a real SLURM cluster: signal -> checkpoint -> requeue -> resume -> finish, with
+the weights of a run that was never interrupted.
+
+One sweep of two identical jobs (they differ only in how progress is printed): one is sent
+SIGUSR2 (what SLURM sends before a time limit, or on preemption with a user signal), the other
+SIGTERM (preemption without one, ``scontrol requeue``). Both must be requeued once and end with
+the same parameters as an uninterrupted local run over the same micro-batches.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from minigpt import checkpoint
 from tests.conftest import last_logged_step, read_metrics, run_entry, text_data_args
 from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 STEPS = 600
+SIGNALS = {"lines": "USR2", "off": "TERM"}  # train.progress value of the job -> signal it gets
 
 
-def test_preempted_job_is_requeued_and_resumes_where_it_stopped(
-    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
-) -> None:
-    sweep_dir = tmp_path / "multirun"
-    result = run_entry(
-        "train.py",
-        "-m",
-        "cluster=slurm_cpu",
+def _train_args(corpus: Path, cache: Path) -> list[str]:
+    return [
         "model=tiny",
-        "hydra.launcher.wait=false",
-        "hydra.launcher.timeout_min=15",
-        *text_data_args(alphabet_corpus, cache_dir),
-        f"hydra.sweep.dir={sweep_dir}",
+        *text_data_args(corpus, cache),
         "train.batch_size=4",
         f"train.max_steps={STEPS}",
         "train.eval_every=200",
@@ -38,34 +39,97 @@ def test_preempted_job_is_requeued_and_resumes_where_it_stopped(
         "train.eval_steps=2",
         "train.log_every=5",
         "train.device=cpu",
+    ]
+
+
+def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "cluster=slurm_cpu",  # 2 tasks x 1 CPU: DDP over 2 ranks, one thread each
+        "hydra.launcher.wait=false",
+        "hydra.launcher.timeout_min=15",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"train.progress={','.join(SIGNALS)}",
+        *_train_args(alphabet_corpus, cache_dir),
         cwd=tmp_path,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    (job_id,) = re.findall(r"job (\d+(?:_\d+)?):", result.stdout)
-    job_dir = sweep_dir / "0"
+    submitted = json.loads((sweep_dir / "submitted.json").read_text())
+    jobs = {sweep_dir / str(rec["job"]): rec for rec in submitted}
+    assert len(jobs) == 2
+
+    # The reference meanwhile: 1 process, batch 4 x 2 accumulation steps, one thread.
+    ref_dir = tmp_path / "reference"
+    ref_args = [*_train_args(alphabet_corpus, cache_dir), "train.grad_accum=2"]
+    ref = run_entry(
+        "train.py",
+        *ref_args,
+        f"hydra.run.dir={ref_dir}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while last_logged_step(job_dir / "metrics.jsonl") < 30:
-        assert time.monotonic() < deadline, "the job never started training"
+    pending = dict(jobs)
+    while pending:  # signal each job once it is training
+        for job_dir, rec in list(pending.items()):
+            if last_logged_step(job_dir / "metrics.jsonl") >= 30:
+                sig = SIGNALS[_progress(rec)]
+                subprocess.run(
+                    ["scancel", f"--signal={sig}", rec["job_id"]], check=True, timeout=30
+                )
+                del pending[job_dir]
+        assert time.monotonic() < deadline, f"never started training: {sorted(pending)}"
         time.sleep(0.2)
-    # What SLURM sends before a time limit (--signal=USR2@...) or on preemption, to every task.
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
 
+    infos = {job_dir: _wait_for_end(job_dir, deadline) for job_dir in jobs}
+    _wait_until_gone(str(submitted[0]["job_id"]).split("_")[0], 60)
+    expected = checkpoint.load(ref_dir / "checkpoints" / "last.pt")["model"]
+    for job_dir, info in infos.items():
+        sig = SIGNALS[_progress(jobs[job_dir])]
+        log = _logs(job_dir, str(jobs[job_dir]["job_id"]))
+        assert info.get("status") == "completed", (sig, info, log[-2000:])
+        assert info["distributed"]["slurm_restart_count"] == 1, sig
+        assert info["resumed_from"] and info["world_size"] == 2
+        assert re.search(rf"stopped by SIG{sig} at step \d+", log), log[-2000:]
+        steps = [e["step"] for e in read_metrics(job_dir) if "train/loss" in e]
+        assert steps == list(range(5, STEPS + 1, 5)), f"SIG{sig}: steps lost or repeated"
+        final = checkpoint.load(job_dir / "checkpoints" / "last.pt")["model"]
+        assert all(torch.equal(final[k], expected[k]) for k in expected), f"SIG{sig}: drifted"
+
+
+def _progress(rec: dict) -> str:
+    (value,) = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("train.progress=")]
+    return value
+
+
+def _logs(job_dir: Path, job_id: str) -> str:
+    """The job's train.log and submitit's stdout/stderr files for it."""
+    submitit = sorted(
+        p
+        for p in (job_dir.parent / ".submitit").rglob("*")
+        if p.suffix in (".out", ".err") and job_id in p.name
+    )
+    files = [job_dir / "train.log", *submitit]
+    return "\n".join(p.read_text(errors="replace") for p in files if p.is_file())
+
+
+def _wait_for_end(job_dir: Path, deadline: float) -> dict:
+    """run.json once it says completed or failed (it says interrupted between the signal and the
+    restart), or whatever it says at the deadline."""
     info: dict = {}
     while time.monotonic() < deadline:
         run_json = job_dir / "run.json"
         if run_json.exists():
             info = json.loads(run_json.read_text())
-            if info["status"] == "completed":
+            if info["status"] in ("completed", "failed"):
                 break
         time.sleep(1)
-    _wait_until_gone(job_id.split("_")[0], 60)
-    assert info.get("status") == "completed", info
-    assert info["distributed"]["slurm_restart_count"] >= 1
-    assert info["resumed_from"] and info["world_size"] == 2
-    stopped = [
-        line for line in (job_dir / "train.log").read_text().splitlines() if "stopped by" in line
-    ] or ["(see .submitit logs)"]
-    steps = [e["step"] for e in read_metrics(job_dir) if "train/loss" in e]
-    assert steps == list(range(5, STEPS + 1, 5)), f"steps lost or repeated; {stopped}"
+    return info
