@@ -2,8 +2,8 @@
 
 A signal handler runs between two Python bytecodes, possibly in the middle of a backward pass or
 a collective, so it only records the request. The trainer looks at it at step boundaries, where
-all ranks agree to stop together, save a checkpoint, and then hand the stop over to whoever
-handled SIGUSR2 before (submitit's handler checkpoints the job function and requeues the job).
+all ranks agree to stop together, save a checkpoint, and then hand SIGUSR2 over to whoever
+handled it before (submitit's handler checkpoints the job function and requeues the job).
 """
 
 from __future__ import annotations
@@ -52,20 +52,20 @@ class StopSignals:
         # SIGTERM wins over SIGUSR2: it means the scheduler is about to kill the job.
         self.signum = max(self.signum or 0, signum)
 
-    def hand_over(self) -> None:
-        """Give the stop to the handler of SIGUSR2 that was there before us, if a Python one.
+    def hand_over(self, signum: int) -> None:
+        """After SIGUSR2, give it to the handler that was there before us, if a Python one.
 
         Under submitit that is its SignalHandler: the task of rank 0 pickles the job function
-        again and runs ``scontrol requeue`` (then exits). SIGTERM goes the same way: it is what
-        SLURM sends on preemption without a user signal, and submitit's own SIGTERM handler only
-        logs, which would end the job unfinished. When the SIGTERM came from ``scancel`` the job
-        is already cancelled, SLURM refuses the requeue, and the job just ends.
+        again and runs ``scontrol requeue`` (then exits). SIGTERM is not handed on: SLURM sends it
+        when it ends the job itself, and then it also decides what follows (``scontrol requeue``
+        and preemption in REQUEUE mode requeue the job; ``scancel`` and a time limit end it), so
+        requeueing here would bring back a job its user cancelled.
         """
         previous = self._previous.get(signal.SIGUSR2)
         self.uninstall()
-        if callable(previous):
+        if signum == signal.SIGUSR2 and callable(previous):
             handler: Callable[[int, FrameType | None], Any] = previous
             try:
                 handler(signal.SIGUSR2, None)
-            except subprocess.CalledProcessError as err:  # scontrol requeue of a cancelled job
+            except subprocess.CalledProcessError as err:  # e.g. the job was cancelled meanwhile
                 print(f"not requeued: {err}", file=sys.stderr, flush=True)

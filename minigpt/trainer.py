@@ -69,7 +69,7 @@ def train(
         return Trainer(cfg, run_dir, dist, overrides or [], job, stop).fit()
     except StopRequested as request:
         distributed.teardown(dist)
-        stop.hand_over()
+        stop.hand_over(request.signum)
         if not dist.is_main:
             request.exit_code = 0  # a failing follower would make srun kill rank 0 mid-requeue
         raise

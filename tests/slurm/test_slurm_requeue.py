@@ -1,10 +1,12 @@
 """Preemption on a real SLURM cluster: signal -> checkpoint -> requeue -> resume -> finish, with
 the weights of a run that was never interrupted.
 
-One sweep of two identical jobs (they differ only in how progress is printed): one is sent
-SIGUSR2 (what SLURM sends before a time limit, or on preemption with a user signal), the other
-SIGTERM (preemption without one, ``scontrol requeue``). Both must be requeued once and end with
-the same parameters as an uninterrupted local run over the same micro-batches.
+One sweep of three identical jobs (they differ only in how progress is printed). One is sent
+SIGUSR2 (what SLURM sends before a time limit, or on preemption with a user signal): the job
+requeues itself through submitit. One is requeued by ``scontrol requeue``, which is what
+preemption in REQUEUE mode does: SIGTERM, then SLURM requeues it. Both must come back once and
+end with the same parameters as an uninterrupted local run over the same micro-batches. The third
+is ``scancel``ed: SIGTERM too, but it must save its checkpoint and stay cancelled.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 STEPS = 600
-SIGNALS = {"lines": "USR2", "off": "TERM"}  # train.progress value of the job -> signal it gets
+# train.progress value of a job -> how it is interrupted, and the signal its ranks then get
+ACTIONS = {
+    "lines": (["scancel", "--signal=USR2"], "USR2"),
+    "off": (["scontrol", "requeue"], "TERM"),
+    "bar": (["scancel"], "TERM"),
+}
+REQUEUED = ("lines", "off")
 
 
 def _train_args(corpus: Path, cache: Path) -> list[str]:
@@ -53,7 +61,7 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
         "hydra.launcher.wait=false",
         "hydra.launcher.timeout_min=15",
         f"hydra.sweep.dir={sweep_dir}",
-        f"train.progress={','.join(SIGNALS)}",
+        f"train.progress={','.join(ACTIONS)}",
         *_train_args(alphabet_corpus, cache_dir),
         cwd=tmp_path,
         timeout=120,
@@ -61,7 +69,7 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     submitted = json.loads((sweep_dir / "submitted.json").read_text())
     jobs = {sweep_dir / str(rec["job"]): rec for rec in submitted}
-    assert len(jobs) == 2
+    assert len(jobs) == 3
 
     # The reference meanwhile: 1 process, batch 4 x 2 accumulation steps, one thread.
     ref_dir = tmp_path / "reference"
@@ -78,31 +86,42 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     pending = dict(jobs)
-    while pending:  # signal each job once it is training
+    while pending:  # interrupt each job once it is training
         for job_dir, rec in list(pending.items()):
             if last_logged_step(job_dir / "metrics.jsonl") >= 30:
-                sig = SIGNALS[_progress(rec)]
-                subprocess.run(
-                    ["scancel", f"--signal={sig}", rec["job_id"]], check=True, timeout=30
-                )
+                command, _ = ACTIONS[_progress(rec)]
+                subprocess.run([*command, rec["job_id"]], check=True, timeout=30)
                 del pending[job_dir]
         assert time.monotonic() < deadline, f"never started training: {sorted(pending)}"
         time.sleep(0.2)
 
-    infos = {job_dir: _wait_for_end(job_dir, deadline) for job_dir in jobs}
+    requeued = {d: rec for d, rec in jobs.items() if _progress(rec) in REQUEUED}
+    infos = {job_dir: _wait_for_end(job_dir, deadline) for job_dir in requeued}
     _wait_until_gone(str(submitted[0]["job_id"]).split("_")[0], 60)
     expected = checkpoint.load(ref_dir / "checkpoints" / "last.pt")["model"]
     for job_dir, info in infos.items():
-        sig = SIGNALS[_progress(jobs[job_dir])]
+        how, sig = ACTIONS[_progress(jobs[job_dir])]
         log = _logs(job_dir, str(jobs[job_dir]["job_id"]))
-        assert info.get("status") == "completed", (sig, info, log[-2000:])
-        assert info["distributed"]["slurm_restart_count"] == 1, sig
+        assert info.get("status") == "completed", (how, info, log[-2000:])
+        assert info["distributed"]["slurm_restart_count"] == 1, how
         assert info["resumed_from"] and info["world_size"] == 2
         assert re.search(rf"stopped by SIG{sig} at step \d+", log), log[-2000:]
         steps = [e["step"] for e in read_metrics(job_dir) if "train/loss" in e]
-        assert steps == list(range(5, STEPS + 1, 5)), f"SIG{sig}: steps lost or repeated"
+        assert steps == list(range(5, STEPS + 1, 5)), f"{how}: steps lost or repeated"
         final = checkpoint.load(job_dir / "checkpoints" / "last.pt")["model"]
-        assert all(torch.equal(final[k], expected[k]) for k in expected), f"SIG{sig}: drifted"
+        assert all(torch.equal(final[k], expected[k]) for k in expected), f"{how}: drifted"
+
+    # The cancelled job saved where it stopped and never came back (the queue is empty now).
+    (cancelled,) = [d for d, rec in jobs.items() if _progress(rec) not in REQUEUED]
+    info = json.loads((cancelled / "run.json").read_text())
+    log = _logs(cancelled, str(jobs[cancelled]["job_id"]))
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
+    assert stopped, log[-2000:]
+    assert info["status"] == "interrupted" and info["distributed"]["slurm_restart_count"] == 0
+    saved = checkpoint.load(cancelled / "checkpoints" / "last.pt")
+    step = saved["train_state"]["step"]
+    assert step == int(stopped.group(1)) >= 30
+    assert last_logged_step(cancelled / "metrics.jsonl") <= step < STEPS
 
 
 def _progress(rec: dict) -> str:

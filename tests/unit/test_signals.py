@@ -1,4 +1,4 @@
-"""Stop signals: recorded, not acted on in the handler; handed to submitit's requeue handler."""
+"""Stop signals: recorded, not acted on in the handler; SIGUSR2 goes on to submitit's requeue."""
 
 from __future__ import annotations
 
@@ -22,16 +22,25 @@ def requeue_calls():  # noqa: ANN201
     signal.signal(signal.SIGTERM, old_term)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
-def test_a_stop_signal_is_only_recorded_then_handed_to_the_requeue_handler(
-    requeue_calls: list[int], sig: int
+def test_sigusr2_is_only_recorded_then_handed_to_the_requeue_handler(
+    requeue_calls: list[int],
 ) -> None:
     stop = StopSignals().install()
-    os.kill(os.getpid(), sig)  # the process survives SIGTERM: the handler only records it
-    assert stop.signum == sig and requeue_calls == []
-    stop.hand_over()
-    assert requeue_calls == [signal.SIGUSR2]  # SIGTERM requeues like a preemption
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert stop.signum == signal.SIGUSR2 and requeue_calls == []
+    stop.hand_over(signal.SIGUSR2)
+    assert requeue_calls == [signal.SIGUSR2]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the old handlers are back
+
+
+def test_sigterm_is_recorded_but_never_requeued_by_us(requeue_calls: list[int]) -> None:
+    """SLURM decides after SIGTERM: requeueing here would bring back a job that was cancelled."""
+    stop = StopSignals().install()
+    os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the handler only records it
+    assert stop.signum == signal.SIGTERM
+    stop.hand_over(signal.SIGTERM)
+    assert requeue_calls == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_sigterm_wins_over_sigusr2(requeue_calls: list[int]) -> None:
@@ -42,14 +51,14 @@ def test_sigterm_wins_over_sigusr2(requeue_calls: list[int]) -> None:
     assert stop.signum == signal.SIGTERM
 
 
-def test_a_refused_requeue_after_scancel_just_ends(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_refused_requeue_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
     def refused(signum: int, frame: object) -> None:
         raise subprocess.CalledProcessError(1, ["scontrol", "requeue", "42"])
 
     old = signal.signal(signal.SIGUSR2, refused)
     try:
         stop = StopSignals().install()
-        stop.hand_over()
+        stop.hand_over(signal.SIGUSR2)
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert "not requeued" in capsys.readouterr().err
