@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sysconfig
@@ -44,6 +45,12 @@ SMALL_CORPUS_DOCS = 10_000
 DOC_SEPARATOR = "\n\n"
 STDLIB_SKIP = ("idlelib", "site-packages", "dist-packages", "__pycache__")
 
+log = logging.getLogger(__name__)
+
+
+class CacheDamaged(Exception):  # noqa: N818 - a state of the files, handled by rebuilding
+    """A cache folder whose files do not match its meta.json (edited, truncated, half copied)."""
+
 
 @dataclass
 class Corpus:
@@ -65,27 +72,56 @@ def prepare_corpus(cfg: DataConfig, min_tokens: int = 2) -> Corpus:
     inputs = _key_inputs(cfg, files)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.cache_dir).expanduser().resolve() / key
-    if not (path / "meta.json").exists():
+    corpus = None
+    if (path / "meta.json").exists():
+        try:
+            corpus = load_corpus(path)
+        except CacheDamaged as err:
+            _set_aside(path, err)
+    if corpus is None:
         _build_cache(cfg, files, inputs, path)
-    corpus = load_corpus(path)
+        corpus = load_corpus(path)
     _check_lengths(corpus, min_tokens)
     return corpus
 
 
 def load_corpus(cache_path: str | Path) -> Corpus:
-    """Open a cache folder written by :func:`prepare_corpus` (memory-mapped, read-only)."""
+    """Open a cache folder written by :func:`prepare_corpus` (memory-mapped, read-only).
+
+    Caches are published whole, so a damaged one was changed afterwards (a disk error, a partial
+    copy between machines): it raises :class:`CacheDamaged` rather than training on garbage.
+    """
     path = Path(cache_path)
-    meta = json.loads((path / "meta.json").read_text())
-    tokenizer = tokenizer_from_state(json.loads((path / "tokenizer.json").read_text()))
-    dtype = np.dtype(meta["dtype"])
-    train, val = (_open_tokens(path / f"{split}.bin", dtype) for split in ("train", "val"))
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        tokenizer = tokenizer_from_state(json.loads((path / "tokenizer.json").read_text()))
+        dtype = np.dtype(meta["dtype"])
+        train, val = (
+            _open_tokens(path / f"{split}.bin", dtype, meta["tokens"][split])
+            for split in ("train", "val")
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise CacheDamaged(f"{type(err).__name__}: {err}") from err
     return Corpus(train=train, val=val, tokenizer=tokenizer, cache_path=path, meta=meta)
 
 
-def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
-    if path.stat().st_size == 0:
+def _open_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
+    size = path.stat().st_size
+    if size != n_tokens * dtype.itemsize:
+        raise CacheDamaged(f"{path.name} holds {size} bytes, meta.json says {n_tokens} tokens")
+    if size == 0:
         return np.zeros(0, dtype=dtype)  # np.memmap refuses empty files
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _set_aside(path: Path, err: CacheDamaged) -> None:
+    """Move a damaged cache out of the way (kept, for a look) so that it is built again."""
+    aside = path.with_name(f".damaged-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another process set it aside first
+    log.warning("token cache %s is damaged (%s): moved to %s, rebuilding it", path, err, aside)
 
 
 def _check_lengths(corpus: Corpus, min_tokens: int) -> None:

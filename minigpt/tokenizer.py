@@ -216,7 +216,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
-        return BPETokenizer(HFTokenizer.from_str(state["json"]))
+        try:
+            return BPETokenizer(HFTokenizer.from_str(state["json"]))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"the saved BPE tokenizer does not load: {err}") from err
     if kind == "gpt2":
         return GPT2Tokenizer()
     raise ValueError(f"unknown tokenizer state kind {kind!r}; expected byte, bpe or gpt2")

@@ -119,6 +119,40 @@ def test_a_cache_published_meanwhile_by_another_process_is_kept(corpus_dir, tmp_
     assert np.array_equal(prepare_corpus(cfg).train, corpus.train)
 
 
+@pytest.mark.parametrize(
+    ("damaged", "tokenizer"),
+    [
+        ("meta.json", "byte"),
+        ("tokenizer.json", "byte"),
+        ("train.bin", "byte"),
+        ("val.bin", "byte"),
+        ("meta.json:tokens", "byte"),  # valid JSON that no longer matches the files
+        ("tokenizer.json:json", "bpe"),  # valid JSON around a broken BPE model
+    ],
+)
+def test_a_damaged_cache_is_set_aside_and_rebuilt(
+    corpus_dir, tmp_path, caplog, damaged: str, tokenizer: str
+) -> None:
+    cfg = text_config(corpus_dir, tmp_path / "cache", tokenizer=tokenizer, vocab_size=300)
+    good = prepare_corpus(cfg)
+    train, val = np.array(good.train), np.array(good.val)  # copies: the memmaps see the damage
+    name, _, key = damaged.partition(":")
+    target = good.cache_path / name
+    if key:
+        content = json.loads(target.read_text())
+        content[key] = {"train": 3, "val": 1} if key == "tokens" else '{"model": 1'
+        target.write_text(json.dumps(content))
+    else:
+        target.write_bytes(target.read_bytes()[:7])
+    damaged_bytes = target.read_bytes()
+    rebuilt = prepare_corpus(cfg)
+    assert np.array_equal(rebuilt.train, train) and np.array_equal(rebuilt.val, val)
+    assert rebuilt.tokenizer.encode("def f(x):") == good.tokenizer.encode("def f(x):")
+    (aside,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".damaged-")]
+    assert (aside / name).read_bytes() == damaged_bytes  # kept as it was found, for a look
+    assert f"{good.cache_path} is damaged" in caplog.text
+
+
 def test_split_is_by_document_deterministic_and_disjoint() -> None:
     docs = Dataset.from_dict({"text": [f"doc {i}" for i in range(40)]})
 
