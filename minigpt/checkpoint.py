@@ -48,11 +48,26 @@ def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; teammates may read checkpoints
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        cause = _os_error_in(err)
+        if cause is not None and (cause is not err or cause.filename is None):
+            # torch.save reports a failed write (disk full) as a RuntimeError from its zip writer
+            # while closing; the OSError it replaced, named after the file, is what users act on.
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The first OSError in ``err``'s chain of causes and contexts."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def save_step(state: dict[str, Any], folder: Path, step: int, keep_last: int, best: bool) -> Path:
@@ -75,6 +90,19 @@ def save_step(state: dict[str, Any], folder: Path, step: int, keep_last: int, be
 def step_checkpoints(folder: Path) -> list[Path]:
     """The step files of a folder, oldest first (temp files of interrupted saves are not listed)."""
     return sorted(p for p in folder.glob(STEP_PATTERN) if p.stem.removeprefix("step_").isdigit())
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temp files of saves that were killed midway (each may be as big as a model).
+
+    Only the process that saves calls it, at start-up, before its first save.
+    """
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

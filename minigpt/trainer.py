@@ -8,6 +8,7 @@ run would have seen, whatever the world size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from minigpt.signals import StopRequested, StopSignals
 from minigpt.tracking import Console, JobInfo, build_tracker
 
 RUN_FILE = "run.json"
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the user's to fix
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +75,10 @@ def train(
         if not dist.is_main:
             request.exit_code = 0  # a failing follower would make srun kill rank 0 mid-requeue
         raise
+    except OSError as err:
+        if err.errno not in OUT_OF_SPACE:
+            raise
+        raise TrainingError(_out_of_space(err, Path(run_dir))) from err
     finally:
         stop.uninstall()
         distributed.teardown(dist)
@@ -177,6 +183,9 @@ class Trainer:
         self.logger_run_id = tracker.run_id or self.logger_run_id
         self.clock = _WallClock(self.run_dir / RUN_FILE, resumed=self.resumed_from is not None)
         console = Console(cfg.progress, cfg.max_steps, self.state.step, enabled=main)
+        if main:
+            for tmp in checkpoint.remove_leftovers(checkpoint.checkpoint_dir(self.run_dir)):
+                console.print(f"removed {tmp.name}, left by a save that was killed")
         self._write_run_json("running")
         if self.resumed_from:
             console.print(f"resumed from {self.resumed_from} at step {self.state.step}")
@@ -191,7 +200,12 @@ class Trainer:
         finally:
             console.close()
             tracker.finish(status)
-            self._write_run_json(status, final_val_loss=val_loss)
+            try:
+                self._write_run_json(status, final_val_loss=val_loss)
+            except OSError:
+                if status != "failed":
+                    raise
+                # The disk that just failed us (full, over quota) must not hide the first error.
         return val_loss
 
     def _loop(self, tracker: Any, console: Console) -> float:
@@ -510,3 +524,18 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _out_of_space(err: OSError, run_dir: Path) -> str:
+    """Why the run stopped and what it kept: a full disk (or quota) is the user's to fix."""
+    folder = checkpoint.checkpoint_dir(run_dir)
+    last = folder / checkpoint.LAST
+    kept = "no checkpoint was written before it"
+    if last.exists():
+        same = [p for p in checkpoint.step_checkpoints(folder) if os.path.samefile(p, last)]
+        kept = f"the last good checkpoint, {last}" + (f" = {same[0].name}" if same else "")
+        kept += ", is intact"
+    return (
+        f"{err.strerror} writing {err.filename or run_dir}; {kept}. Free some space (fewer step "
+        "files: train.keep_last) and run the same command again to resume"
+    )

@@ -315,6 +315,108 @@ def test_too_many_bad_steps_stop_the_run_keeping_the_last_good_checkpoint(
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
+SAVE_WRAPPER = textwrap.dedent(
+    """
+    import os, runpy, sys, time
+    from pathlib import Path
+    from minigpt import checkpoint
+
+    TARGET, MODE, MARKER = {target!r}, {mode!r}, {marker!r}
+    original_save, original_replace = checkpoint.save, os.replace
+
+    def paused_replace(src, dst):  # the temp file is written and fsynced, not yet renamed
+        if str(dst).endswith(TARGET):
+            Path(MARKER).write_text(str(src))
+            time.sleep(600)
+        return original_replace(src, dst)
+
+    def save(state, path):
+        if not str(path).endswith(TARGET):
+            return original_save(state, path)
+        real_fdopen = os.fdopen
+        if MODE == "full":  # every write of this save goes to /dev/full: ENOSPC, as on a full disk
+            os.fdopen = lambda fd, mode: (os.close(fd), open("/dev/full", mode))[1]
+        else:
+            os.replace = paused_replace
+        try:
+            return original_save(state, path)
+        finally:
+            os.fdopen, os.replace = real_fdopen, original_replace
+
+    checkpoint.save = save
+    sys.argv[0] = {train!r}
+    runpy.run_path({train!r}, run_name="__main__")
+    """
+)
+
+
+def _save_wrapper(tmp_path: Path, target: str, mode: str) -> tuple[Path, Path]:
+    wrapper, marker = tmp_path / f"save_{mode}.py", tmp_path / "in_save"
+    text = SAVE_WRAPPER.format(
+        target=target, mode=mode, marker=str(marker), train=str(ROOT / "train.py")
+    )
+    wrapper.write_text(text)
+    return wrapper, marker
+
+
+def test_a_full_disk_during_a_save_is_one_line_keeps_the_last_checkpoint_and_resumes(
+    tmp_path: Path, reference: tuple[Path, Path, Path]
+) -> None:
+    ref_dir, corpus, cache = reference
+    run_dir = tmp_path / "run"
+    wrapper, _ = _save_wrapper(tmp_path, "step_0000100.pt", "full")
+    full = run_entry(str(wrapper), *_args(corpus, run_dir, cache), cwd=tmp_path)
+    assert full.returncode == 1
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    last_line = full.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: No space left on device writing "), last_line
+    assert "step_0000100.pt" in last_line and "last.pt = step_0000050.pt, is intact" in last_line
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "step_0000050.pt"]
+    assert checkpoint.load(folder / "last.pt")["train_state"]["step"] == 50
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+    resumed = run_entry("train.py", *_args(corpus, run_dir, cache), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 50" in resumed.stdout
+    final, expected = _weights(run_dir), _weights(ref_dir)
+    assert all(torch.equal(final[k], expected[k]) for k in expected), "resume drifted"
+
+
+def test_sigkill_inside_a_save_keeps_the_previous_checkpoint_and_resumes(
+    tmp_path: Path, reference: tuple[Path, Path, Path]
+) -> None:
+    """Killed with the new checkpoint fully written to its temp file but not renamed: last.pt is
+    still the previous save, the resumed run cleans the temp file up and ends bit-identical."""
+    ref_dir, corpus, cache = reference
+    run_dir = tmp_path / "run"
+    wrapper, marker = _save_wrapper(tmp_path, "step_0000100.pt", "pause")
+    argv = [sys.executable, str(wrapper), *_args(corpus, run_dir, cache)]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "never reached the save"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    leftover = Path(marker.read_text())
+    assert leftover.exists() and leftover.stat().st_size > 0  # the half-done save is there
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["train_state"]["step"] == 50
+
+    resumed = run_entry("train.py", *_args(corpus, run_dir, cache), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 50" in resumed.stdout and f"removed {leftover.name}" in resumed.stdout
+    assert not leftover.exists()
+    final, expected = _weights(run_dir), _weights(ref_dir)
+    assert all(torch.equal(final[k], expected[k]) for k in expected), "resume drifted"
+
+
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
