@@ -52,7 +52,7 @@ def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         cause = _os_error_in(err)
-        if cause is not None and (cause is not err or cause.filename is None):
+        if cause is not None and cause.errno and (cause is not err or cause.filename is None):
             # torch.save reports a failed write (disk full) as a RuntimeError from its zip writer
             # while closing; the OSError it replaced, named after the file, is what users act on.
             raise OSError(cause.errno, cause.strerror, str(path)) from err
