@@ -7,6 +7,7 @@ import contextlib
 import functools
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +42,38 @@ def user_errors_as_one_line(fn: F) -> F:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OutputFolderCheck(Callback):
+    """Refuse, in one line, an output folder that cannot be written, before Hydra makes it.
+
+    Hydra creates the run (or sweep) folder before any of our code runs, so a read-only or
+    mistyped ``hydra.run.dir`` would otherwise end in a traceback from inside Hydra.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check ``hydra.run.dir`` (the run folder of ``python train.py``)."""
+        _check_writable("hydra.run.dir", str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check ``hydra.sweep.dir`` (the folder of all the jobs of ``-m``)."""
+        _check_writable("hydra.sweep.dir", str(config.hydra.sweep.dir))
+
+
+def _check_writable(key: str, folder: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        print(
+            f"error: {key}={folder} cannot be written ({reason}: {err.filename or folder}); "
+            f"give a folder you can write to, e.g. {key}=outputs/my_run",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_USER_ERROR)
 
 
 def follower_overrides(argv: list[str]) -> list[str]:

@@ -61,6 +61,21 @@ def test_resume_of_another_model_shape_is_refused(alphabet_corpus: Path, tmp_pat
     assert_one_line_error(again, "another shape", "n_layer=2")
 
 
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
+def test_an_output_folder_that_cannot_be_written_is_one_clear_line(
+    alphabet_corpus: Path, tmp_path: Path, multirun: bool
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = tiny_train_args(alphabet_corpus, tmp_path / "run", tmp_path / "cache")
+    args = [a for a in args if not a.startswith("hydra.run.dir=")]
+    args += [f"{key}={blocker}/out", *(["train.seed=1,2"] if multirun else [])]
+    result = run_entry("train.py", *(["-m"] if multirun else []), *args, cwd=tmp_path)
+    assert_one_line_error(result, f"{key}={blocker}/out", "Not a directory")
+    assert blocker.read_text() == "not a folder\n"  # nothing destroyed on the way
+
+
 @pytest.fixture
 def not_a_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "weights.pt"
