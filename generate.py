@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from minigpt.cli import quote_free_text, user_errors_as_one_line
+from minigpt.cli import quote_free_text, run_main, user_errors_as_one_line
 from minigpt.config import register_configs, to_object
 
 register_configs()
@@ -24,4 +24,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = quote_free_text(sys.argv[1:], keys=("prompt",))
-    main()
+    run_main(main)

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minigpt.cli import follower_overrides, job_info, user_errors_as_one_line
+from minigpt.cli import follower_overrides, job_info, run_main, user_errors_as_one_line
 from minigpt.config import register_configs, to_object
 
 register_configs()
@@ -36,4 +36,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv += follower_overrides(sys.argv[1:])
-    main()
+    run_main(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from minigpt import distributed
 from minigpt.checkpoint import CheckpointError
@@ -42,6 +44,45 @@ def user_errors_as_one_line(fn: F) -> F:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function; a command line Hydra cannot compose is one error line.
+
+    Hydra reports an unknown key, a value of the wrong type or a missing config option on several
+    lines. It re-raises instead when HYDRA_FULL_ERROR is set; we set it, catch Hydra's and
+    OmegaConf's errors, and print them on one line (anything else keeps its full traceback).
+    A user who sets HYDRA_FULL_ERROR=1 gets Hydra's own report.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's message and its causes on one line, without OmegaConf's object dumps."""
+    messages, seen = [], err
+    while seen is not None and len(messages) < 4:
+        messages.append(str(seen).split("Config search path:")[0])
+        seen = seen.__cause__
+    parts: list[str] = []
+    for raw in "\n".join(messages).splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("full_key:", "reference_type=", "object_type=")):
+            continue
+        if line in parts:
+            continue
+        if raw.startswith("\t") and parts:  # Hydra's list of available options
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        else:
+            parts.append(line.rstrip("."))
+    return "; ".join(parts)
 
 
 class OutputFolderCheck(Callback):

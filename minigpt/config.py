@@ -286,12 +286,31 @@ def register_configs() -> None:
 
 def to_object(cfg: DictConfig) -> Any:
     """Turn a composed DictConfig into its dataclass, mapping OmegaConf errors to ConfigError."""
+    _refuse_unknown_keys(cfg, "")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
+    """A key added with ``+`` that no schema has would be silently ignored (``+train.max_step``
+    for ``train.max_steps``): refuse it, naming the keys that exist."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known:
+                raise ConfigError(
+                    f"{prefix}{key} is not a key of {prefix.rstrip('.') or 'the config'}; "
+                    f"the keys are: {', '.join(known)}"
+                )
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _refuse_unknown_keys(child, f"{prefix}{key}.")
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

@@ -30,6 +30,13 @@ def assert_one_line_error(result, *needles: str) -> None:
         (["data.paths=[/nonexistent/*.txt]"], ["/nonexistent/*.txt"]),
         (["model.block_size=100000"], ["block_size"]),
         (["resume=/nonexistent/last.pt"], ["resume", "/nonexistent/last.pt"]),
+        # Hydra's own errors, which it reports on several lines:
+        (["train.max_steps=abc"], ["train.max_steps=abc", "could not be converted to Integer"]),
+        (["train.foo=1"], ["train.foo", "+train.foo=1"]),
+        (["model=nosuch"], ["model/nosuch", "Available options in 'model':", "small, tiny"]),
+        (["model.n_layer=[1"], ["[1", "override_grammar"]),
+        # a key added with + that no schema knows would be silently ignored:
+        (["+train.max_step=5"], ["train.max_step is not a key of train", "max_steps"]),
     ],
 )
 def test_bad_training_option_is_one_clear_line(
