@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -47,10 +49,18 @@ class Job:
     events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     overrides: list[str] = field(default_factory=list)  # without hydra.* ones
     shown: list[str] = field(default_factory=list)  # those that set it apart from the others
+    job_id: str | None = None  # the SLURM job, when the launcher recorded it
+    lost: str | None = None  # why a job that left the SLURM queue unfinished ended, as known
 
     @property
     def status(self) -> str:
-        """completed / failed / running as run.json says; running once metrics exist, or pending."""
+        """completed / failed / running as run.json says; running once metrics exist, or pending.
+
+        A SLURM job that is no longer queued but never wrote completed or failed (it crashed
+        before run.json, or was killed outright: out of memory, time limit) is failed.
+        """
+        if self.lost is not None:
+            return "failed"
         return str(self.info.get("status") or ("running" if self.events else "pending"))
 
     @property
@@ -118,7 +128,7 @@ def load_jobs(path: Path) -> list[Job]:
         job = _load_job(path, path.name, [])
         job.shown = job.overrides
         return [job]
-    submitted = _submitted(path)
+    submitted, job_ids = _submitted(path), _submitted_ids(path)
     numbers = {int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()}
     numbers |= set(submitted)
     if not numbers:
@@ -126,6 +136,9 @@ def load_jobs(path: Path) -> list[Job]:
             f"{path} holds no run: expected {RUN_FILE} or {METRICS_FILE}, or job folders 0, 1, ..."
         )
     jobs = [_load_job(path / str(n), str(n), submitted.get(n, [])) for n in sorted(numbers)]
+    for job in jobs:
+        job.job_id = job_ids.get(int(job.label))
+    _mark_lost(path, jobs)
     common = set(common_overrides(jobs))
     for job in jobs:
         job.shown = [o for o in job.overrides if o not in common]
@@ -187,6 +200,51 @@ def _submitted(path: Path) -> dict[int, list[str]]:
     """Jobs the SLURM launcher submitted, even those that have not started yet."""
     records = _read_json_list(path / SUBMITTED_FILE)
     return {int(r["job"]): list(r.get("overrides", [])) for r in records}
+
+
+def _submitted_ids(path: Path) -> dict[int, str]:
+    records = _read_json_list(path / SUBMITTED_FILE)
+    return {int(r["job"]): str(r["job_id"]) for r in records if r.get("job_id")}
+
+
+UNFINISHED = ("pending", "running", "interrupted")
+
+
+def _mark_lost(path: Path, jobs: list[Job]) -> None:
+    """Mark the SLURM jobs that left the queue without finishing, with the error they logged."""
+    waiting = [j for j in jobs if j.job_id and j.status in UNFINISHED]
+    queued = slurm_queue([str(j.job_id) for j in waiting])
+    if queued is None:
+        return  # no squeue here (the folder was copied off the cluster): statuses as written
+    for job in waiting:
+        if job.job_id not in queued:
+            job.lost = _last_error(path / ".submitit", str(job.job_id)) or "left the queue"
+
+
+def slurm_queue(job_ids: list[str]) -> set[str] | None:
+    """Which of these SLURM jobs (array tasks as ``123_4``) are still queued or running; None
+    where ``squeue`` cannot say."""
+    if not job_ids or shutil.which("squeue") is None:
+        return None
+    command = ["squeue", "--noheader", "--array", "--format=%i", f"--jobs={','.join(job_ids)}"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return set() if "Invalid job id" in out.stderr else None
+    return set(out.stdout.split())
+
+
+def _last_error(submitit_dir: Path, job_id: str) -> str | None:
+    """The last ``error: ...`` or ``SomeError: ...`` line of the job's submitit stderr logs."""
+    found = None
+    for log in sorted(submitit_dir.glob(f"{job_id}/{job_id}_*_log.err")):
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            head = line.split(":", 1)[0]
+            if line.startswith("error: ") or (head.isidentifier() and head.endswith("Error")):
+                found = line.strip()
+    return found
 
 
 def common_overrides(jobs: list[Job]) -> list[str]:
@@ -409,6 +467,10 @@ def _markdown(path: Path, jobs: list[Job], plots: list[Path]) -> str:
     common = common_overrides(jobs)
     if common:
         lines += ["Every job also had: " + " ".join(f"`{o}`" for o in common), ""]
+    for job in jobs:
+        if job.lost is not None:
+            lines += [f"Job {job.label} (SLURM {job.job_id}) left the queue unfinished: {job.lost}"]
+            lines += [""]
     lines += [
         "Steps are done/planned; final val loss is given for completed jobs only; tokens/s is "
         "the median over the logged windows; wall time adds up every attempt of a resumed job.",

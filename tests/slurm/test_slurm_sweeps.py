@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_entry, text_data_args
+from tests.conftest import ROOT, read_metrics, run_command, run_entry, text_data_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -127,6 +128,35 @@ def test_submit_and_return_then_collect_from_the_folder(
     _wait_until_gone(job_ids[0].split("_")[0], JOB_TIMEOUT_S)
     for job in _job_dirs(sweep_dir):
         _assert_ddp_job_completed(job)
+
+
+def test_report_marks_a_job_that_died_before_run_json_as_failed_with_its_error(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    """Without this the report would show such a job as pending for ever."""
+    sweep_dir = tmp_path / "multirun"
+    args = _data_args(alphabet_corpus, cache_dir, sweep_dir)
+    args = [a for a in args if not a.startswith("data.paths=")]
+    result = run_entry(
+        "train.py",
+        "-m",
+        "cluster=slurm_cpu",
+        "model=tiny",
+        "hydra.launcher.wait=false",
+        f"data.paths=[{tmp_path}/missing/*.txt]",
+        *args,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (record,) = json.loads((sweep_dir / "submitted.json").read_text())
+    _wait_until_gone(str(record["job_id"]).split("_")[0], JOB_TIMEOUT_S)
+    assert not (sweep_dir / "0" / "run.json").exists()
+    made = run_command([sys.executable, "-m", "minigpt.report", str(sweep_dir)], cwd=ROOT)
+    assert made.returncode == 0, made.stderr[-2000:]
+    markdown = (sweep_dir / "report.md").read_text()
+    assert "| 0 | " in markdown and "**failed**" in markdown
+    assert f"left the queue unfinished: error: data.paths entry '{tmp_path}/missing" in markdown
 
 
 def _wait_until_gone(array_id: str, timeout_s: float) -> None:

@@ -74,6 +74,14 @@ def _rows(markdown: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[2:]}
 
 
+@pytest.fixture(autouse=True)
+def queue(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The SLURM queue the report sees: job 77_4 of the sweep is still waiting in it."""
+    queued = {"77_4"}
+    monkeypatch.setattr(report, "slurm_queue", lambda ids: queued & set(ids))
+    return queued
+
+
 def test_table_has_one_row_per_job_with_its_status(sweep: Path) -> None:
     jobs, written = report.write_report(sweep)
     markdown = (sweep / "report.md").read_text()
@@ -89,6 +97,38 @@ def test_table_has_one_row_per_job_with_its_status(sweep: Path) -> None:
     assert rows["2"][5] == "—"  # a failed run has no final val loss
     assert rows["3"][1] == "`model.n_layer=4`" and rows["3"][3] == "20"
     assert rows["4"][1] == "`model.n_layer=5`"
+
+
+@pytest.mark.parametrize("run_json", ["none", "running"])
+def test_a_slurm_job_that_left_the_queue_unfinished_is_failed_with_its_error(
+    sweep: Path, queue: set[str], run_json: str
+) -> None:
+    """Crashed before run.json, or killed outright (out of memory) with run.json at running."""
+    if run_json == "running":
+        write_job(sweep / "4", overrides=["model.n_layer=5"], status="running", steps=10)
+    logs = sweep / ".submitit" / "77_4"
+    logs.mkdir(parents=True)
+    (logs / "77_4_0_log.err").write_text(
+        "submitit WARNING: sacct error\nTraceback (most recent call last):\n  File x\n"
+        "RuntimeError: CUDA out of memory\nsrun: error: vm: task 0: Exited with exit code 1\n"
+    )
+    queue.clear()
+    report.write_report(sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert _rows(markdown)["4"][2] == "**failed**"
+    assert "Job 4 (SLURM 77_4) left the queue unfinished: RuntimeError: CUDA out of memory" in (
+        markdown
+    )
+
+
+def test_without_squeue_statuses_are_as_the_folders_say(
+    sweep: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.undo()  # the real slurm_queue, with no squeue on the PATH
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    assert report.slurm_queue(["77_4"]) is None
+    jobs = report.load_jobs(sweep)
+    assert [j.status for j in jobs][-1] == "pending"
 
 
 def test_plots_are_written_for_every_job_and_for_the_size_sweep(sweep: Path) -> None:
