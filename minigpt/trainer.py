@@ -70,6 +70,7 @@ def train(
         run_dir = Path(distributed.broadcast_object(str(Path(run_dir).resolve()), dist))
         return Trainer(cfg, run_dir, dist, overrides or [], job, stop).fit()
     except StopRequested as request:
+        request.__traceback__ = None  # its frames hold the Trainer: let teardown free DDP first
         distributed.teardown(dist)
         stop.hand_over(request.signum)
         if not dist.is_main:
