@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minigpt.cli import follower_overrides, job_info, run_main, user_errors_as_one_line
+from minigpt.cli import fail, follower_overrides, job_info, run_main, user_errors_as_one_line
 from minigpt.config import register_configs, to_object
 
 register_configs()
@@ -27,8 +27,7 @@ def main(cfg: DictConfig) -> float:
         overrides = list(hydra_cfg.overrides.task)
         return train(config, hydra_cfg.runtime.output_dir, overrides, job_info(hydra_cfg))
     except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(str(err), 1)
     except StopRequested as stop:
         print(f"{stop}; run the same command again to resume", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)

@@ -11,8 +11,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
@@ -32,6 +33,35 @@ EXIT_USER_ERROR = 2
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class JobFailed(Exception):  # noqa: N818 - the outcome of one job of a local sweep
+    """A job of a local sweep failed, its error line already printed; the sweep goes on."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(message: str, exit_code: int) -> NoReturn:
+    """Print ``error: message`` and end this job.
+
+    A job run by Hydra's basic (local) launcher raises JobFailed instead of exiting: Hydra records
+    an exception and starts the next job, where an exit would end the whole sweep. Jobs on SLURM
+    run alone in their process and just exit.
+    """
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if _in_local_sweep():
+        raise JobFailed(message, exit_code)
+    sys.exit(exit_code)
+
+
+def _in_local_sweep() -> bool:
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    return hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith(".BasicLauncher")
+
+
 def user_errors_as_one_line(fn: F) -> F:
     """Print a user's mistake as one ``error: ...`` line and exit 2; bugs keep their traceback."""
 
@@ -40,8 +70,7 @@ def user_errors_as_one_line(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            fail(str(err), EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
 
@@ -60,6 +89,13 @@ def run_main(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except JobFailed as err:  # Hydra re-raises the first failure once every job has run
+        print(
+            f"error: a job of the sweep failed ({err}); the other jobs ran to their end",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

@@ -63,6 +63,34 @@ def test_named_sweep_runs_on_the_local_launcher(
     assert all(r["status"] == "completed" and r["world_size"] == 1 for r in lrs)
 
 
+def test_a_failing_job_of_a_local_sweep_does_not_stop_the_others(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    """Job 0 is refused at start-up (tiny's width 64 has no 3 heads); job 1 must still run."""
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "model=tiny",
+        "model.n_head=3,2",
+        *text_data_args(alphabet_corpus, cache_dir),
+        "train.max_steps=3",
+        "train.device=cpu",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0] == "error: model.n_head=3 must divide model.d_model=64 (e.g. model.n_head=2)"
+    assert errors[-1].startswith("error: a job of the sweep failed (model.n_head=3") and (
+        len(errors) == 2
+    )
+    assert not (sweep_dir / "0" / "run.json").exists()
+    done = json.loads((sweep_dir / "1" / "run.json").read_text())
+    assert done["status"] == "completed" and done["config"]["model"]["n_head"] == 2
+
+
 def test_dry_run_prints_every_point_and_submits_nothing(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "multirun"
     result = run_entry(
