@@ -28,6 +28,7 @@ import inspect
 import itertools
 import os
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -184,6 +185,24 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
     job_id = env.get("SLURM_JOB_ID", "").strip() or None
     restarts = _int(env, "SLURM_RESTART_COUNT", default=0)
     return replace(dist, slurm_job_id=job_id, slurm_restart_count=restarts)
+
+
+def slurm_job_running(dist: Dist) -> bool:
+    """Whether SLURM still has this job RUNNING, asked of ``squeue`` after a SIGTERM.
+
+    ``scancel``, ``scontrol requeue``, a time limit and preemption in REQUEUE mode put the job in
+    COMPLETING before they signal it: SLURM has decided what follows. A SIGTERM that finds the
+    job RUNNING was sent without ending it (``scancel --signal=TERM``, preemption's grace time),
+    so the job must requeue itself.
+    """
+    if dist.slurm_job_id is None:
+        return False
+    command = ["squeue", "--noheader", "--format=%T", f"--jobs={dist.slurm_job_id}"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.split() == ["RUNNING"]
 
 
 def _detect_torchrun(env: Mapping[str, str]) -> Dist:

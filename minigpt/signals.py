@@ -2,8 +2,8 @@
 
 A signal handler runs between two Python bytecodes, possibly in the middle of a backward pass or
 a collective, so it only records the request. The trainer looks at it at step boundaries, where
-all ranks agree to stop together, save a checkpoint, and then hand SIGUSR2 over to whoever
-handled it before (submitit's handler checkpoints the job function and requeues the job).
+all ranks agree to stop together, save a checkpoint, and then hand the stop over to whoever
+handled SIGUSR2 before (submitit's handler checkpoints the job function and requeues the job).
 """
 
 from __future__ import annotations
@@ -52,18 +52,20 @@ class StopSignals:
         # SIGTERM wins over SIGUSR2: it means the scheduler is about to kill the job.
         self.signum = max(self.signum or 0, signum)
 
-    def hand_over(self, signum: int) -> None:
-        """After SIGUSR2, give it to the handler that was there before us, if a Python one.
+    def hand_over(self, signum: int, requeue: bool) -> None:
+        """Give the stop to the SIGUSR2 handler that was there before us (if a Python one) when
+        the job should come back: always after SIGUSR2, after SIGTERM when ``requeue`` says so.
 
-        Under submitit that is its SignalHandler: the task of rank 0 pickles the job function
-        again and runs ``scontrol requeue`` (then exits). SIGTERM is not handed on: SLURM sends it
-        when it ends the job itself, and then it also decides what follows (``scontrol requeue``
-        and preemption in REQUEUE mode requeue the job; ``scancel`` and a time limit end it), so
-        requeueing here would bring back a job its user cancelled.
+        Under submitit that handler is its SignalHandler: the task of rank 0 pickles the job
+        function again and runs ``scontrol requeue`` (then exits); its own SIGTERM handler only
+        logs. The caller decides for SIGTERM because it also comes from ``scancel``, whose job
+        must stay cancelled.
         """
         previous = self._previous.get(signal.SIGUSR2)
         self.uninstall()
-        if signum == signal.SIGUSR2 and callable(previous):
+        if signum == signal.SIGTERM and not requeue:
+            return
+        if callable(previous):
             handler: Callable[[int, FrameType | None], Any] = previous
             try:
                 handler(signal.SIGUSR2, None)

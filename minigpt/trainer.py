@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ def train(
     except StopRequested as request:
         request.__traceback__ = None  # its frames hold the Trainer: let teardown free DDP first
         distributed.teardown(dist)
-        stop.hand_over(request.signum)
+        # After SIGTERM only rank 0 asks SLURM (the other ranks' submitit handlers never requeue).
+        asks = dist.is_main and request.signum == signal.SIGTERM
+        stop.hand_over(request.signum, requeue=asks and distributed.slurm_job_running(dist))
         if not dist.is_main:
             request.exit_code = 0  # a failing follower would make srun kill rank 0 mid-requeue
         raise

@@ -1,12 +1,17 @@
 """Preemption on a real SLURM cluster: signal -> checkpoint -> requeue -> resume -> finish, with
 the weights of a run that was never interrupted.
 
-One sweep of three identical jobs (they differ only in how progress is printed). One is sent
-SIGUSR2 (what SLURM sends before a time limit, or on preemption with a user signal): the job
-requeues itself through submitit. One is requeued by ``scontrol requeue``, which is what
-preemption in REQUEUE mode does: SIGTERM, then SLURM requeues it. Both must come back once and
-end with the same parameters as an uninterrupted local run over the same micro-batches. The third
-is ``scancel``ed: SIGTERM too, but it must save its checkpoint and stay cancelled.
+One sweep of four identical jobs (they differ only in how progress is printed), each interrupted
+once it trains:
+- ``scancel --signal=USR2``: what SLURM sends before a time limit, or on preemption with a user
+  signal; rank 0 hands it to submitit, which requeues the job.
+- ``scancel --signal=TERM``: SIGTERM with the job still RUNNING (preemption's grace time, an
+  admin): submitit ignores SIGTERM, so rank 0 requeues the job through submitit itself.
+- ``scontrol requeue``: what preemption in REQUEUE mode does: SIGTERM, and SLURM requeues the job;
+  it must come back once, not twice.
+- ``scancel``: SIGTERM too, but the job is cancelled: it saves its checkpoint and stays cancelled.
+The three requeued jobs must each restart once and end with the same parameters as an
+uninterrupted local run over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
-STEPS = 600
+STEPS = 2000  # ~15 s of training per job alone: wide enough a window to signal it in
 # train.progress value of a job -> how it is interrupted, and the signal its ranks then get
+# The signals go to the job's srun step (``<job>.0``), as SLURM's own --signal does: signalling
+# an array task as a whole also reaches it, but while sibling tasks are pending slurmctld answers
+# "Job can not be altered now" and scancel retries, and signals again, for minutes.
 ACTIONS = {
     "lines": (["scancel", "--signal=USR2"], "USR2"),
-    "off": (["scontrol", "requeue"], "TERM"),
+    "off": (["scancel", "--signal=TERM"], "TERM"),
+    "auto": (["scontrol", "requeue"], "TERM"),
     "bar": (["scancel"], "TERM"),
 }
-REQUEUED = ("lines", "off")
+REQUEUED = ("lines", "off", "auto")
 
 
 def _train_args(corpus: Path, cache: Path) -> list[str]:
@@ -42,8 +51,8 @@ def _train_args(corpus: Path, cache: Path) -> list[str]:
         *text_data_args(corpus, cache),
         "train.batch_size=4",
         f"train.max_steps={STEPS}",
-        "train.eval_every=200",
-        "train.ckpt_every=200",
+        "train.eval_every=500",
+        "train.ckpt_every=500",
         "train.eval_steps=2",
         "train.log_every=5",
         "train.device=cpu",
@@ -53,7 +62,22 @@ def _train_args(corpus: Path, cache: Path) -> list[str]:
 def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:
+    # The reference first (the jobs must not finish before they are signalled): 1 process,
+    # batch 4 x 2 accumulation steps, one thread.
+    ref_dir = tmp_path / "reference"
+    ref_args = [*_train_args(alphabet_corpus, cache_dir), "train.grad_accum=2"]
+    ref = run_entry(
+        "train.py",
+        *ref_args,
+        f"hydra.run.dir={ref_dir}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
     sweep_dir = tmp_path / "multirun"
+    t0 = time.monotonic()
     result = run_entry(
         "train.py",
         "-m",
@@ -69,20 +93,7 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     submitted = json.loads((sweep_dir / "submitted.json").read_text())
     jobs = {sweep_dir / str(rec["job"]): rec for rec in submitted}
-    assert len(jobs) == 3
-
-    # The reference meanwhile: 1 process, batch 4 x 2 accumulation steps, one thread.
-    ref_dir = tmp_path / "reference"
-    ref_args = [*_train_args(alphabet_corpus, cache_dir), "train.grad_accum=2"]
-    ref = run_entry(
-        "train.py",
-        *ref_args,
-        f"hydra.run.dir={ref_dir}",
-        cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1"},
-        timeout=JOB_TIMEOUT_S,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert len(jobs) == 4
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     pending = dict(jobs)
@@ -90,7 +101,11 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
         for job_dir, rec in list(pending.items()):
             if last_logged_step(job_dir / "metrics.jsonl") >= 30:
                 command, _ = ACTIONS[_progress(rec)]
-                subprocess.run([*command, rec["job_id"]], check=True, timeout=30)
+                target = rec["job_id"] + (".0" if "--signal" in command[-1] else "")
+                done = subprocess.run(
+                    [*command, target], capture_output=True, text=True, timeout=30
+                )
+                assert done.returncode == 0, (command, rec, done.stderr, time.monotonic() - t0)
                 del pending[job_dir]
         assert time.monotonic() < deadline, f"never started training: {sorted(pending)}"
         time.sleep(0.2)
@@ -110,6 +125,12 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
         assert steps == list(range(5, STEPS + 1, 5)), f"{how}: steps lost or repeated"
         final = checkpoint.load(job_dir / "checkpoints" / "last.pt")["model"]
         assert all(torch.equal(final[k], expected[k]) for k in expected), f"{how}: drifted"
+        stopped = re.search(rf"stopped by SIG{sig} at step \d+", log)
+        print(  # the evidence, with pytest -s
+            f"job {jobs[job_dir]['job_id']} ({' '.join(how)}): {stopped and stopped.group(0)}; "
+            f"restart {info['distributed']['slurm_restart_count']}, resumed from "
+            f"{info['resumed_from']}, {info['steps']} steps, weights equal to the reference"
+        )
 
     # The cancelled job saved where it stopped and never came back (the queue is empty now).
     (cancelled,) = [d for d, rec in jobs.items() if _progress(rec) not in REQUEUED]
@@ -122,6 +143,7 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     step = saved["train_state"]["step"]
     assert step == int(stopped.group(1)) >= 30
     assert last_logged_step(cancelled / "metrics.jsonl") <= step < STEPS
+    print(f"job {jobs[cancelled]['job_id']} (scancel): {stopped.group(0)}; stayed cancelled")
 
 
 def _progress(rec: dict) -> str:

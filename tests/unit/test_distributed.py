@@ -362,3 +362,19 @@ def test_collectives_are_identities_for_one_process() -> None:
     distributed.barrier(dist)
     distributed.teardown(dist)
     distributed.teardown(dist)  # twice, and never initialised
+
+
+@pytest.mark.parametrize(
+    ("state", "running"), [("RUNNING", True), ("COMPLETING", False), ("", False)]
+)
+def test_a_sigterm_requeues_only_a_job_slurm_still_runs(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, state: str, running: bool
+) -> None:
+    """squeue's answer decides: COMPLETING after scancel or scontrol requeue, gone after the end."""
+    fake = tmp_path / "squeue"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho {state}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert distributed.slurm_job_running(Dist(slurm_job_id="77")) is running
+    assert "--jobs=77" in (tmp_path / "args").read_text()
+    assert distributed.slurm_job_running(Dist()) is False  # not a SLURM job: never requeue

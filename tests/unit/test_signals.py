@@ -28,18 +28,19 @@ def test_sigusr2_is_only_recorded_then_handed_to_the_requeue_handler(
     stop = StopSignals().install()
     os.kill(os.getpid(), signal.SIGUSR2)
     assert stop.signum == signal.SIGUSR2 and requeue_calls == []
-    stop.hand_over(signal.SIGUSR2)
+    stop.hand_over(signal.SIGUSR2, requeue=False)  # SIGUSR2 always requeues
     assert requeue_calls == [signal.SIGUSR2]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the old handlers are back
 
 
-def test_sigterm_is_recorded_but_never_requeued_by_us(requeue_calls: list[int]) -> None:
-    """SLURM decides after SIGTERM: requeueing here would bring back a job that was cancelled."""
+@pytest.mark.parametrize("requeue", [False, True], ids=["cancelled", "still_running"])
+def test_sigterm_requeues_only_when_told(requeue_calls: list[int], requeue: bool) -> None:
+    """The trainer says whether SLURM still runs the job: a scancel'ed one must stay cancelled."""
     stop = StopSignals().install()
     os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the handler only records it
     assert stop.signum == signal.SIGTERM
-    stop.hand_over(signal.SIGTERM)
-    assert requeue_calls == []
+    stop.hand_over(signal.SIGTERM, requeue=requeue)
+    assert requeue_calls == ([signal.SIGUSR2] if requeue else [])
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
@@ -58,7 +59,7 @@ def test_a_refused_requeue_is_reported_not_raised(capsys: pytest.CaptureFixture[
     old = signal.signal(signal.SIGUSR2, refused)
     try:
         stop = StopSignals().install()
-        stop.hand_over(signal.SIGUSR2)
+        stop.hand_over(signal.SIGUSR2, requeue=True)
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert "not requeued" in capsys.readouterr().err
