@@ -85,6 +85,22 @@ def last_logged_step(path: Path) -> int:
     return max(steps)
 
 
+def logged_samples(path: Path, through: int) -> list[list[Any]]:
+    """The ``[step, text]`` rows of the samples logged up to step ``through`` (text values)."""
+    rows: list[list[Any]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = event.get("step") if isinstance(event, dict) else None
+        if isinstance(step, int) and step <= through:
+            rows += [[step, v] for v in event.values() if isinstance(v, str)]
+    return rows
+
+
 def _truncate_after(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -115,12 +131,15 @@ class WandbTracker:
         job: JobInfo,
         run_id: str | None = None,
         skip_through: int = 0,
+        samples: list[list[Any]] | None = None,
     ) -> None:
         import wandb  # imported here: it is slow to import and only this tracker needs it
 
         self._wandb = wandb
         self._skip_through = skip_through
-        self._samples: list[list[Any]] = []
+        # A table logged again replaces the last one: a resumed run starts from the rows the run
+        # it continues already showed (read back from metrics.jsonl), not from an empty table.
+        self._samples: list[list[Any]] = list(samples or [])
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(
             project=cfg.project,
@@ -252,6 +271,7 @@ def build_tracker(
     metrics = run_dir / METRICS_FILE
     # What W&B already holds of the run it continues: read before metrics.jsonl is cut back.
     seen = max(start, last_logged_step(metrics)) if cfg.jsonl else start
+    samples = logged_samples(metrics, seen) if cfg.wandb and cfg.jsonl and run_id else []
     trackers: list[Tracker] = []
     if cfg.jsonl:
         trackers.append(JsonlTracker(metrics, start))
@@ -266,6 +286,7 @@ def build_tracker(
                 job=job or JobInfo(),
                 run_id=run_id,
                 skip_through=seen if run_id else 0,
+                samples=samples,
             )
         )
     return MultiTracker(trackers)

@@ -225,6 +225,29 @@ def test_wandb_resume_keeps_the_id_and_sends_no_step_twice(tmp_path: Path, wandb
     assert _steps(tmp_path / "metrics.jsonl") == list(range(1, 11))
 
 
+def test_wandb_samples_table_of_a_resumed_run_keeps_the_rows_logged_before(
+    tmp_path: Path, wandb_env: None
+) -> None:
+    cfg = LoggerConfig(wandb=True)
+    first = build_tracker(cfg, tmp_path, enabled=True, resume_step=None)
+    for step in range(1, 9):  # killed after step 8; the checkpoint is at step 5
+        first.log(step, {"train/loss": float(step)})
+        if step % 2 == 0:
+            first.log(step, {"sample": f"text of step {step}"})
+    first.finish("failed")
+    second = build_tracker(cfg, tmp_path, enabled=True, resume_step=5, run_id=first.run_id)
+    for step in range(6, 11):
+        second.log(step, {"train/loss": float(step)})
+        if step % 2 == 0:
+            second.log(step, {"sample": f"text of step {step}"})
+    second.finish("completed")
+
+    runs = wandb_offline.offline_runs(tmp_path)
+    tables = [[r.get("samples.nrows") for r in wandb_offline.history(run)] for run in runs]
+    assert [n for n in tables[0] if n] == [1, 2, 3, 4]  # steps 2, 4, 6, 8
+    assert [n for n in tables[1] if n] == [5]  # 2, 4, 6, 8 again, and 10: none lost, none twice
+
+
 def test_wandb_run_stopped_for_a_requeue_is_marked_preempting(
     tmp_path: Path, wandb_env: None
 ) -> None:
