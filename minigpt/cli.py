@@ -40,26 +40,22 @@ class JobFailed(Exception):  # noqa: N818 - the outcome of one job of a local sw
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self) -> tuple[Any, ...]:  # submitit pickles it as the job's result
+        return (JobFailed, (str(self), self.exit_code))
+
 
 def fail(message: str, exit_code: int) -> NoReturn:
     """Print ``error: message`` and end this job.
 
-    A job run by Hydra's basic (local) launcher raises JobFailed instead of exiting: Hydra records
-    an exception and starts the next job, where an exit would end the whole sweep. Jobs on SLURM
-    run alone in their process and just exit.
+    A job of a sweep raises JobFailed instead of exiting. Under Hydra's basic (local) launcher,
+    Hydra records the exception and starts the next job, where an exit would end the whole sweep;
+    under submitit, the exception is the job's result, which a launcher waiting for the sweep
+    reads (an exit leaves no result, and without SLURM accounting it would wait for ever).
     """
     print(f"error: {message}", file=sys.stderr, flush=True)
-    if _in_local_sweep():
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise JobFailed(message, exit_code)
     sys.exit(exit_code)
-
-
-def _in_local_sweep() -> bool:
-    if not HydraConfig.initialized():
-        return False
-    hydra_cfg = HydraConfig.get()
-    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
-    return hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith(".BasicLauncher")
 
 
 def user_errors_as_one_line(fn: F) -> F:
@@ -99,6 +95,22 @@ def run_main(main: Callable[[], Any]) -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except Exception as err:
+        if not type(err).__module__.startswith("submitit"):
+            raise
+        # FailedJobError of a SLURM job, waited for by the launcher: its message holds the
+        # job's whole traceback; the error line the job printed is the part worth showing.
+        print(f"error: a SLURM job of the sweep failed: {_job_error(str(err))}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _job_error(message: str) -> str:
+    """The ``error: ...`` line inside a submitit failure message, else its first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    ours = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    jobs = re.findall(r"[Jj]ob (\d+(?:_\d+)?)", message)
+    where = f" (job {jobs[0]})" if jobs else ""
+    return (ours[-1] if ours else (lines[0] if lines else "no message")) + where
 
 
 def one_line(err: BaseException) -> str:

@@ -130,6 +130,29 @@ def test_submit_and_return_then_collect_from_the_folder(
         _assert_ddp_job_completed(job)
 
 
+def test_a_waited_for_sweep_with_a_failing_job_returns_its_error(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    """The launcher waits for results; a job that only exited would leave none, and without
+    accounting (no sacct) the launcher would wait for ever. The failure is the job's result."""
+    sweep_dir = tmp_path / "multirun"
+    args = [a for a in _data_args(alphabet_corpus, cache_dir, sweep_dir) if "data.paths" not in a]
+    result = run_entry(
+        "train.py",
+        "-m",
+        "cluster=slurm_cpu",
+        "model=tiny",
+        f"data.paths=[{alphabet_corpus}/*.txt],[{tmp_path}/missing/*.txt]",
+        *args,
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a job of the sweep failed (data.paths entry"), last
+    _assert_ddp_job_completed(sweep_dir / "0")
+
+
 def test_report_marks_a_job_that_died_before_run_json_as_failed_with_its_error(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:

@@ -134,3 +134,25 @@ def test_prompts_already_in_hydra_quotes_are_left_alone() -> None:
         "prompt='a,b'",
         "top_k=3",
     ]
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "Job (task=0) failed during processing with trace:\n----\nTraceback (most recent "
+            "call last):\n  File x\nerror: data.paths entry 'x' matches no file\n",
+            "data.paths entry 'x' matches no file",
+        ),
+        (
+            "Job 12_0 (task: 0) with path /s/.submitit/12_0 has not produced any output "
+            "(state: OUT_OF_MEMORY)\nError stream produced:\n----\nKilled\n",
+            "Job 12_0 (task: 0) with path /s/.submitit/12_0 has not produced any output (state: "
+            "OUT_OF_MEMORY) (job 12_0)",
+        ),
+    ],
+)
+def test_a_failed_slurm_job_is_summed_up_by_its_error_line(message: str, expected: str) -> None:
+    from minigpt import cli
+
+    assert cli._job_error(message) == expected
