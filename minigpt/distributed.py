@@ -28,6 +28,7 @@ import inspect
 import itertools
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -197,12 +198,20 @@ def slurm_job_running(dist: Dist) -> bool:
     """
     if dist.slurm_job_id is None:
         return False
-    command = ["squeue", "--noheader", "--format=%T", f"--jobs={dist.slurm_job_id}"]
+    out = squeue("--format=%T", f"--jobs={dist.slurm_job_id}")
+    return out is not None and out.returncode == 0 and out.stdout.split() == ["RUNNING"]
+
+
+def squeue(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """``squeue --noheader ARGS``, or None where there is no squeue or it does not answer."""
+    if shutil.which("squeue") is None:
+        return None
     try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            ["squeue", "--noheader", *args], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and out.stdout.split() == ["RUNNING"]
+        return None
 
 
 def _detect_torchrun(env: Mapping[str, str]) -> Dist:

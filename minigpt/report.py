@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ from typing import Any
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
+from minigpt.distributed import squeue
 from minigpt.tracking import METRICS_FILE
 
 RUN_FILE = "run.json"  # written by the trainer (minigpt.trainer.RUN_FILE)
@@ -128,16 +127,18 @@ def load_jobs(path: Path) -> list[Job]:
         job = _load_job(path, path.name, [])
         job.shown = job.overrides
         return [job]
-    submitted, job_ids = _submitted(path), _submitted_ids(path)
+    submitted = _submitted(path)
     numbers = {int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()}
     numbers |= set(submitted)
     if not numbers:
         raise ReportError(
             f"{path} holds no run: expected {RUN_FILE} or {METRICS_FILE}, or job folders 0, 1, ..."
         )
-    jobs = [_load_job(path / str(n), str(n), submitted.get(n, [])) for n in sorted(numbers)]
-    for job in jobs:
-        job.job_id = job_ids.get(int(job.label))
+    jobs = []
+    for n in sorted(numbers):
+        overrides, job_id = submitted.get(n, ([], None))
+        jobs.append(_load_job(path / str(n), str(n), overrides))
+        jobs[-1].job_id = job_id
     _mark_lost(path, jobs)
     common = set(common_overrides(jobs))
     for job in jobs:
@@ -196,15 +197,14 @@ def _hydra_overrides(path: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(saved)] if saved.exists() else []
 
 
-def _submitted(path: Path) -> dict[int, list[str]]:
-    """Jobs the SLURM launcher submitted, even those that have not started yet."""
+def _submitted(path: Path) -> dict[int, tuple[list[str], str | None]]:
+    """Jobs the SLURM launcher submitted, even those that have not started yet: their overrides
+    and SLURM job ids."""
     records = _read_json_list(path / SUBMITTED_FILE)
-    return {int(r["job"]): list(r.get("overrides", [])) for r in records}
-
-
-def _submitted_ids(path: Path) -> dict[int, str]:
-    records = _read_json_list(path / SUBMITTED_FILE)
-    return {int(r["job"]): str(r["job_id"]) for r in records if r.get("job_id")}
+    return {
+        int(r["job"]): (list(r.get("overrides", [])), str(r["job_id"]) if r.get("job_id") else None)
+        for r in records
+    }
 
 
 UNFINISHED = ("pending", "running", "interrupted")
@@ -224,12 +224,10 @@ def _mark_lost(path: Path, jobs: list[Job]) -> None:
 def slurm_queue(job_ids: list[str]) -> set[str] | None:
     """Which of these SLURM jobs (array tasks as ``123_4``) are still queued or running; None
     where ``squeue`` cannot say."""
-    if not job_ids or shutil.which("squeue") is None:
+    if not job_ids:
         return None
-    command = ["squeue", "--noheader", "--array", "--format=%i", f"--jobs={','.join(job_ids)}"]
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    out = squeue("--array", "--format=%i", f"--jobs={','.join(job_ids)}")
+    if out is None:
         return None
     if out.returncode != 0:
         return set() if "Invalid job id" in out.stderr else None

@@ -74,31 +74,26 @@ def _jsonable(value: Any) -> Any:
 
 def last_logged_step(path: Path) -> int:
     """The highest step in a metrics file (0 when there is none): what the trackers last saw."""
-    if not path.exists():
-        return 0
-    steps = [0]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            steps.append(int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-            continue
-    return max(steps)
+    return max((e["step"] for e in logged_events(path)), default=0)
 
 
-def logged_samples(path: Path, through: int) -> list[list[Any]]:
-    """The ``[step, text]`` rows of the samples logged up to step ``through`` (text values)."""
-    rows: list[list[Any]] = []
-    if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        step = event.get("step") if isinstance(event, dict) else None
-        if isinstance(step, int) and step <= through:
-            rows += [[step, v] for v in event.values() if isinstance(v, str)]
-    return rows
+def logged_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics file that carry a step; a line cut short by a kill is skipped."""
+    events = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("step"), int):
+                events.append(event)
+    return events
+
+
+def sample_rows(events: list[dict[str, Any]]) -> list[list[Any]]:
+    """The ``[step, text]`` rows of the samples (the text values) among ``events``."""
+    return [[e["step"], v] for e in events for v in e.values() if isinstance(v, str)]
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -270,8 +265,9 @@ def build_tracker(
     start = resume_step or 0
     metrics = run_dir / METRICS_FILE
     # What W&B already holds of the run it continues: read before metrics.jsonl is cut back.
-    seen = max(start, last_logged_step(metrics)) if cfg.jsonl else start
-    samples = logged_samples(metrics, seen) if cfg.wandb and cfg.jsonl and run_id else []
+    logged = logged_events(metrics) if cfg.jsonl else []
+    seen = max([start, *(e["step"] for e in logged)])
+    samples = sample_rows(logged) if cfg.wandb and run_id else []
     trackers: list[Tracker] = []
     if cfg.jsonl:
         trackers.append(JsonlTracker(metrics, start))

@@ -125,7 +125,7 @@ def test_without_squeue_statuses_are_as_the_folders_say(
     sweep: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.undo()  # the real slurm_queue, with no squeue on the PATH
-    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     assert report.slurm_queue(["77_4"]) is None
     jobs = report.load_jobs(sweep)
     assert [j.status for j in jobs][-1] == "pending"
