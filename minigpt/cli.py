@@ -44,6 +44,11 @@ class JobFailed(Exception):  # noqa: N818 - the outcome of one job of a local sw
         return (JobFailed, (str(self), self.exit_code))
 
 
+def _exit(message: str, exit_code: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
 def fail(message: str, exit_code: int) -> NoReturn:
     """Print ``error: message`` and end this job.
 
@@ -52,10 +57,10 @@ def fail(message: str, exit_code: int) -> NoReturn:
     under submitit, the exception is the job's result, which a launcher waiting for the sweep
     reads (an exit leaves no result, and without SLURM accounting it would wait for ever).
     """
-    print(f"error: {message}", file=sys.stderr, flush=True)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise JobFailed(message, exit_code)
-    sys.exit(exit_code)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise JobFailed(message, exit_code)  # no exit: see above
+    _exit(message, exit_code)
 
 
 def user_errors_as_one_line(fn: F) -> F:
@@ -86,22 +91,15 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except JobFailed as err:  # Hydra re-raises the first failure once every job has run
-        print(
-            f"error: a job of the sweep failed ({err}); the other jobs ran to their end",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(err.exit_code)
+        _exit(f"a job of the sweep failed ({err}); the other jobs ran to their end", err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        _exit(one_line(err), EXIT_USER_ERROR)
     except Exception as err:
         if not type(err).__module__.startswith("submitit"):
             raise
         # FailedJobError of a SLURM job, waited for by the launcher: its message holds the
         # job's whole traceback; the error line the job printed is the part worth showing.
-        print(f"error: a SLURM job of the sweep failed: {_job_error(str(err))}", file=sys.stderr)
-        sys.exit(1)
+        _exit(f"a SLURM job of the sweep failed: {_job_error(str(err))}", 1)
 
 
 def _job_error(message: str) -> str:
@@ -156,13 +154,11 @@ def _check_writable(key: str, folder: str) -> None:
             pass
     except OSError as err:
         reason = err.strerror or str(err)
-        print(
-            f"error: {key}={folder} cannot be written ({reason}: {err.filename or folder}); "
+        _exit(
+            f"{key}={folder} cannot be written ({reason}: {err.filename or folder}); "
             f"give a folder you can write to, e.g. {key}=outputs/my_run",
-            file=sys.stderr,
-            flush=True,
+            EXIT_USER_ERROR,
         )
-        sys.exit(EXIT_USER_ERROR)
 
 
 def follower_overrides(argv: list[str]) -> list[str]:
