@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,27 +121,33 @@ def test_interrupted_then_resumed_run_is_bit_identical(
     assert done["status"] == "completed" and done["resumed_from"]
 
 
-def _kill_after(
-    argv: list[str], cwd: Path, run_dir: Path, after_step: int, env: dict[str, str] | None = None
-) -> int:
+def _kill_when(
+    argv: list[str], cwd: Path, ready: Callable[[], bool], env: dict[str, str] | None = None
+) -> None:
     """Start ``argv`` in its own session and SIGKILL all of it (torchrun's ranks included) once
-    metrics.jsonl reaches ``after_step``: no handler runs, nothing is saved on the way out.
-    Returns the last step logged before the kill."""
+    ``ready()``: no handler runs, nothing is saved on the way out."""
     proc = subprocess.Popen(
         argv, cwd=cwd, env=clean_env(env), stdout=subprocess.DEVNULL, start_new_session=True
     )
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:
-        while last_logged_step(metrics) < after_step:
+        while not ready():
             assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
-            assert time.monotonic() < deadline, f"step {after_step} never came"
+            assert time.monotonic() < deadline, "the moment to kill never came"
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_after(
+    argv: list[str], cwd: Path, run_dir: Path, after_step: int, env: dict[str, str] | None = None
+) -> int:
+    """SIGKILL the run once metrics.jsonl reaches ``after_step``; the last step logged before."""
+    metrics = run_dir / "metrics.jsonl"
+    _kill_when(argv, cwd, lambda: last_logged_step(metrics) >= after_step, env)
     return last_logged_step(metrics)
 
 
@@ -392,19 +399,7 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint_and_resumes(
     run_dir = tmp_path / "run"
     wrapper, marker = _save_wrapper(tmp_path, "step_0000100.pt", "pause")
     argv = [sys.executable, str(wrapper), *_args(corpus, run_dir, cache)]
-    proc = subprocess.Popen(
-        argv, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "never reached the save"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    _kill_when(argv, tmp_path, marker.exists)  # inside the save of step 100
     leftover = Path(marker.read_text())
     assert leftover.exists() and leftover.stat().st_size > 0  # the half-done save is there
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["train_state"]["step"] == 50

@@ -38,24 +38,34 @@ def _without_hydra(cfg):  # noqa: ANN001, ANN202
     return cfg
 
 
+def _local_sweep(tmp_path: Path, corpus: Path, cache: Path, *overrides: str):  # noqa: ANN202
+    """``train.py -m`` of tiny models on Hydra's basic launcher, into ``tmp_path/multirun``."""
+    return run_entry(
+        "train.py",
+        "-m",
+        "model=tiny",
+        *text_data_args(corpus, cache),
+        "train.device=cpu",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *overrides,
+        cwd=tmp_path,
+    )
+
+
 @pytest.mark.slow
 def test_named_sweep_runs_on_the_local_launcher(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:
     sweep_dir = tmp_path / "multirun"
-    result = run_entry(
-        "train.py",
-        "-m",
+    result = _local_sweep(
+        tmp_path,
+        alphabet_corpus,
+        cache_dir,
         "+sweep=lr",
         "optimizer.lr=1e-3,3e-3",
-        "model=tiny",
-        *text_data_args(alphabet_corpus, cache_dir),
         "train.batch_size=4",
         "train.max_steps=4",
         "train.eval_steps=2",
-        "train.device=cpu",
-        f"hydra.sweep.dir={sweep_dir}",
-        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lrs = [json.loads((sweep_dir / str(i) / "run.json").read_text()) for i in (0, 1)]
@@ -68,16 +78,8 @@ def test_a_failing_job_of_a_local_sweep_does_not_stop_the_others(
 ) -> None:
     """Job 0 is refused at start-up (tiny's width 64 has no 3 heads); job 1 must still run."""
     sweep_dir = tmp_path / "multirun"
-    result = run_entry(
-        "train.py",
-        "-m",
-        "model=tiny",
-        "model.n_head=3,2",
-        *text_data_args(alphabet_corpus, cache_dir),
-        "train.max_steps=3",
-        "train.device=cpu",
-        f"hydra.sweep.dir={sweep_dir}",
-        cwd=tmp_path,
+    result = _local_sweep(
+        tmp_path, alphabet_corpus, cache_dir, "model.n_head=3,2", "train.max_steps=3"
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

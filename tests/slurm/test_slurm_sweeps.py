@@ -130,22 +130,32 @@ def test_submit_and_return_then_collect_from_the_folder(
         _assert_ddp_job_completed(job)
 
 
+def _sweep_over_paths(tmp_path: Path, cache: Path, paths: str, *extra: str):  # noqa: ANN202
+    """A sweep of tiny 2-rank jobs on SLURM over ``data.paths`` values (some of them missing),
+    into ``tmp_path/multirun``; returns once the launcher does."""
+    args = _data_args(tmp_path, cache, tmp_path / "multirun")
+    args = [a for a in args if not a.startswith("data.paths=")]
+    return run_entry(
+        "train.py",
+        "-m",
+        "cluster=slurm_cpu",
+        "model=tiny",
+        f"data.paths={paths}",
+        *extra,
+        *args,
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+
+
 def test_a_waited_for_sweep_with_a_failing_job_returns_its_error(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:
     """The launcher waits for results; a job that only exited would leave none, and without
     accounting (no sacct) the launcher would wait for ever. The failure is the job's result."""
     sweep_dir = tmp_path / "multirun"
-    args = [a for a in _data_args(alphabet_corpus, cache_dir, sweep_dir) if "data.paths" not in a]
-    result = run_entry(
-        "train.py",
-        "-m",
-        "cluster=slurm_cpu",
-        "model=tiny",
-        f"data.paths=[{alphabet_corpus}/*.txt],[{tmp_path}/missing/*.txt]",
-        *args,
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT_S,
+    result = _sweep_over_paths(
+        tmp_path, cache_dir, f"[{alphabet_corpus}/*.txt],[{tmp_path}/missing/*.txt]"
     )
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -158,18 +168,8 @@ def test_report_marks_a_job_that_died_before_run_json_as_failed_with_its_error(
 ) -> None:
     """Without this the report would show such a job as pending for ever."""
     sweep_dir = tmp_path / "multirun"
-    args = _data_args(alphabet_corpus, cache_dir, sweep_dir)
-    args = [a for a in args if not a.startswith("data.paths=")]
-    result = run_entry(
-        "train.py",
-        "-m",
-        "cluster=slurm_cpu",
-        "model=tiny",
-        "hydra.launcher.wait=false",
-        f"data.paths=[{tmp_path}/missing/*.txt]",
-        *args,
-        cwd=tmp_path,
-        timeout=120,
+    result = _sweep_over_paths(
+        tmp_path, cache_dir, f"[{tmp_path}/missing/*.txt]", "hydra.launcher.wait=false"
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (record,) = json.loads((sweep_dir / "submitted.json").read_text())
