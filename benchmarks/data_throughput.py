@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402
 from _common import append_result  # noqa: E402
 
+from minigpt.batches import BatchSampler  # noqa: E402
 from minigpt.config import DataConfig  # noqa: E402
-from minigpt.data import BatchSampler, prepare_corpus, stdlib_files  # noqa: E402
+from minigpt.data import prepare_corpus  # noqa: E402
+from minigpt.documents import stdlib_files  # noqa: E402
 
 BLOCK_SIZE, BATCH_SIZE = 256, 16  # config (b)
 

@@ -93,6 +93,10 @@ class DataConfig:
     split_seed: int = 1234
 
     def __post_init__(self) -> None:
+        if not self.cache_dir.strip():
+            # conf/data reads ${oc.env:MINIGPT_CACHE_DIR,...}: an exported but empty variable
+            # counts as unset, rather than caching into the working directory.
+            self.cache_dir = "~/.cache/minigpt"
         _one_of("data.source", self.source, DATA_SOURCES)
         _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
         _require(

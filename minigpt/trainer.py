@@ -24,8 +24,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minigpt import checkpoint, distributed, runtime
+from minigpt.batches import BatchSampler, eval_batches
 from minigpt.config import Config, ConfigError, as_dict
-from minigpt.data import BatchSampler, Corpus, eval_batches, prepare_corpus
+from minigpt.data import Corpus, prepare_corpus
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 from minigpt.optim import build_optimizer, lr_at, set_lr
