@@ -10,7 +10,6 @@ import contextlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,20 +137,23 @@ def _fsync_dir(folder: Path) -> None:
 def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a minigpt checkpoint with ``weights_only=True``; every failure is a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    require_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        reason = _unsafe_reason(err)
+        if "operand" in reason:  # an opcode pickle does not know: random bytes, not a payload
+            raise _corrupted(path, reason) from None
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds objects a minigpt checkpoint never has "
-            f"({_unsafe_reason(err)}); nothing in it was run"
+            f"({reason}); nothing in it was run"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}); "
-            "use another checkpoint, e.g. an older one in the same folder"
-        ) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # any failure to parse a file is the file's fault
+        # RuntimeError, EOFError, BadZipFile, OSError, ValueError, and from a crafted zip also
+        # KeyError, IndexError, struct.error...: whatever it is, the user's next step is the same.
+        raise _corrupted(path, type(err).__name__) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a minigpt checkpoint")
     if state.get("version") != VERSION:
@@ -160,6 +162,21 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
             f"version {VERSION}"
         )
     return state
+
+
+def require_file(path: Path) -> None:
+    """A checkpoint path must name a regular file: not a folder, a device or a dangling link."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file; give a checkpoint file")
+
+
+def _corrupted(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is truncated or corrupted ({reason}); "
+        "use another checkpoint, e.g. an older one in the same folder"
+    )
 
 
 def _unsafe_reason(err: Exception) -> str:
@@ -181,25 +198,3 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
             f"resume={resume}: no such checkpoint file; use auto, never or a path"
         )
     return path
-
-
-def load_model(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[Any, Any, dict[str, Any]]:
-    """The model (eval mode), tokenizer and state of a checkpoint: all that generation needs."""
-    from minigpt.model import GPT, GPTConfig  # only inference needs the model classes here
-    from minigpt.tokenizer import tokenizer_from_state
-
-    if Path(path).suffix == ".safetensors":
-        from minigpt.export import load as load_export
-
-        state = load_export(path, device)
-    else:
-        state = load(path, map_location=device)
-    try:
-        model = GPT(GPTConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
-        tokenizer = tokenizer_from_state(state["tokenizer"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path} is incomplete or damaged ({err})") from None
-    return model.to(device).eval(), tokenizer, state

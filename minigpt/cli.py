@@ -3,6 +3,7 @@ job's place in a sweep (for the trackers)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -47,6 +48,16 @@ class JobFailed(Exception):  # noqa: N818 - the outcome of one job of a local sw
 def _exit(message: str, exit_code: int) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the ``python -m minigpt.*`` tools: a mistake is an ``error:`` line like
+    every other failure (the usage follows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        self.print_usage(sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def fail(message: str, exit_code: int) -> NoReturn:

@@ -4,79 +4,94 @@ A training checkpoint carries the optimizer, RNG and sampler state and is a (wei
 a ``.safetensors`` file holds tensors alone and cannot run code on load, whoever made it. The model
 config and tokenizer travel as its string metadata, so ``generate.py checkpoint=model.safetensors``
 works from the file alone.
+
+The command never clobbers: an existing OUT needs ``--force``, and not even ``--force`` writes over
+the checkpoint itself (last.pt, best.pt and step_N.pt are hard links of one another). The file
+format lives in :mod:`minigpt.weights`; this module is the command and its rules.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
+from minigpt import weights
+from minigpt.checkpoint import CheckpointError
+from minigpt.cli import OneLineParser
 
-from minigpt import checkpoint
-
-FORMAT = "minigpt-safetensors"
-TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
+load = weights.read_safetensors  # the reader, beside the other formats
 
 
-def export(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None) -> Path:
-    """Write the model weights of checkpoint ``src`` to ``dst`` (default: beside it)."""
-    from safetensors.torch import save_file
+class ExportError(ValueError):
+    """An output path the export refuses (printed as one line)."""
 
+
+def export(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, force: bool = False
+) -> Path:
+    """Write the model weights of checkpoint ``src`` to ``dst`` (default: beside it, .safetensors).
+
+    The checkpoint is checked in full first; ``dst``'s missing folders are made; the file appears
+    whole or not at all.
+    """
     src = Path(src)
     out = Path(dst) if dst else src.with_suffix(".safetensors")
-    state = checkpoint.load(src)
-    tensors = {k: v.contiguous() for k, v in state["model"].items() if k != TIED}
-    metadata = {
-        "format": FORMAT,
-        "model_config": json.dumps(state["model_config"]),
-        "tokenizer": json.dumps(state["tokenizer"]),
-        "step": str(state.get("train_state", {}).get("step", "")),
-    }
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    check_output(src, out, force)
+    found = weights.read_checkpoint(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_safetensors(found.state, out)
     return out
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What ``checkpoint.load_model`` needs from an export: weights, config, tokenizer."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError) as err:
-        raise checkpoint.CheckpointError(
-            f"{path} is not a readable safetensors file ({err})"
-        ) from None
-    if meta.get("format") != FORMAT:
-        raise checkpoint.CheckpointError(f"{path} is not a minigpt safetensors export")
-    tensors[TIED] = tensors["transformer.wte.weight"]
-    return {
-        "model": tensors,
-        "model_config": json.loads(meta["model_config"]),
-        "tokenizer": json.loads(meta["tokenizer"]),
-    }
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse a folder, a path under a file, the input itself (under any name) and, without
+    ``force``, any existing file."""
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder; give a file name, e.g. {out / src.stem}.safetensors")
+    folder = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
+    if folder is not None and not folder.is_dir():
+        raise ExportError(f"cannot write {out}: {folder} is a file, not a folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if src.exists() and out.exists() and os.path.samefile(src, out):
+        how = "the same file" if src.resolve() == out.resolve() else "a hard link of it"
+        raise ExportError(
+            f"{out} is the checkpoint {src} itself ({how}); the export never writes over its "
+            "input: give another output path"
+        )
+    if not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.export", description=__doc__)
+    """``python -m minigpt.export CKPT [OUT] [--force]``: every failure is one ``error:`` line."""
+    parser = OneLineParser(prog="python -m minigpt.export", description=__doc__)
     parser.add_argument("checkpoint", help="a minigpt checkpoint, e.g. .../checkpoints/best.pt")
     parser.add_argument("output", nargs="?", help="default: the checkpoint's name, .safetensors")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.output)
-    except checkpoint.CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        out = export(args.checkpoint, args.output, force=args.force)
+    except (CheckpointError, ExportError) as err:
+        return _error(str(err), 2)
+    except OSError as err:  # disk full, a read-only folder, a file where a folder should be
+        where = err.filename or args.output or args.checkpoint
+        return _error(f"cannot write {where}: {err.strerror or err}", _exit_code(err))
+    except KeyboardInterrupt:
+        return _error("interrupted; nothing was written", 130)
     print(out)
     return 0
+
+
+def _exit_code(err: OSError) -> int:
+    return 1 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

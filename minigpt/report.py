@@ -8,11 +8,13 @@ failed, or on one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
+from minigpt.cli import OneLineParser
 from minigpt.distributed import squeue
 from minigpt.tracking import METRICS_FILE
 
@@ -31,7 +34,13 @@ REPORT_FILE = "report.md"
 LOSS_VS_STEP = "loss_vs_step.png"
 LOSS_VS_TOKENS = "loss_vs_tokens.png"
 VAL_LOSS_VS_PARAMS = "val_loss_vs_params.png"
-_STYLE = {"completed": "-", "running": "--", "pending": "--", "interrupted": "--", "failed": ":"}
+_STYLE = {
+    "completed": "-",
+    "running": "--",
+    "pending": "--",
+    "interrupted": "--",
+    "failed": ":",
+}
 
 
 class ReportError(ValueError):
@@ -429,24 +438,53 @@ def plot_val_loss_vs_params(jobs: list[Job], out: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- the report
-def write_report(path: Path, out: Path | None = None) -> tuple[list[Job], list[Path]]:
+def write_report(
+    path: Path, out: Path | None = None, force: bool = False
+) -> tuple[list[Job], list[Path]]:
     """Write report.md and the plots for the run(s) under ``path`` into ``out`` (default: path);
-    returns the jobs read and the files written, report.md first."""
+    returns the jobs read and the files written, report.md first.
+
+    Only report.md and the plot names are ever written, each whole or not at all (drawn in a
+    temp folder inside ``out``, then renamed), so a run's own files are never touched; a
+    report.md that a minigpt report did not write is replaced only with ``force``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a login node
     jobs = load_jobs(path)
     out = out or path
+    _check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
-    drawn = [
-        plot_losses(jobs, out, "step"),
-        plot_losses(jobs, out, "tokens"),
-        plot_val_loss_vs_params(jobs, out),
-    ]
-    plots = [p for p in drawn if p is not None]
-    report = out / REPORT_FILE
-    report.write_text(_markdown(path, jobs, plots), encoding="utf-8")
-    return jobs, [report, *plots]
+    staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
+    try:
+        drawn = [
+            plot_losses(jobs, staging, "step"),
+            plot_losses(jobs, staging, "tokens"),
+            plot_val_loss_vs_params(jobs, staging),
+        ]
+        plots = [p for p in drawn if p is not None]
+        (staging / REPORT_FILE).write_text(_markdown(path, jobs, plots), encoding="utf-8")
+        written = [out / REPORT_FILE, *(out / p.name for p in plots)]
+        for final in written:
+            os.replace(staging / final.name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return jobs, written
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse a file where the folder should be, and a report.md that is not a minigpt report."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; give a folder")
+    existing = out / REPORT_FILE
+    if force or not existing.is_file():
+        return
+    with existing.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    if not first.startswith("# Report:"):
+        raise ReportError(
+            f"{existing} was not written by minigpt.report; pass --force to replace it"
+        )
 
 
 def _markdown(path: Path, jobs: list[Job], plots: list[Path]) -> str:
@@ -479,20 +517,27 @@ def _markdown(path: Path, jobs: list[Job], plots: list[Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m minigpt.report PATH [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m minigpt.report", description=__doc__)
+    """``python -m minigpt.report PATH [--out DIR] [--force]``."""
+    parser = OneLineParser(prog="python -m minigpt.report", description=__doc__)
     parser.add_argument(
         "path", type=Path, help="a multirun folder (jobs 0, 1, ...) or a run folder"
     )
     parser.add_argument("--out", type=Path, help="where to write the report (default: PATH)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a report.md that minigpt did not write"
+    )
     args = parser.parse_args(argv)
     try:
-        jobs, written = write_report(args.path, args.out)
+        jobs, written = write_report(args.path, args.out, force=args.force)
     except ModuleNotFoundError as err:
         print(f"error: the report needs {err.name}: pip install 'minigpt[report]'", file=sys.stderr)
         return 2
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk, a folder named like a plot
+        where = err.filename or args.out or args.path
+        print(f"error: cannot write the report to {where}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(table(jobs))
     print(f"\nwrote {written[0]}" + "".join(f"\n      {p}" for p in written[1:]))

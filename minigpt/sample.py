@@ -10,10 +10,10 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import load_model
 from minigpt.config import ConfigError, GenerateConfig
 from minigpt.model import GPT, KVCache
 from minigpt.tokenizer import Tokenizer
+from minigpt.weights import load_model
 
 
 def greedy_next(logits: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from minigpt import checkpoint
+from minigpt import checkpoint, export, weights
 from minigpt.checkpoint import CheckpointError
+from minigpt.model import GPT, GPTConfig
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
@@ -81,3 +86,107 @@ def test_resolve_resume(tmp_path: Path) -> None:
     assert checkpoint.resolve_resume(str(last), "/elsewhere") == last
     with pytest.raises(CheckpointError, match="resume="):
         checkpoint.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+
+
+# ---------------------------------------------------------------- model files (minigpt.weights)
+TINY = GPTConfig(n_layer=2, n_head=2, d_model=16, block_size=8, vocab_size=256)
+
+
+def _model_checkpoint(path: Path, **changes: object) -> Path:
+    """A checkpoint with the keys the trainer writes that matter to a model file."""
+    torch.manual_seed(0)
+    state = {
+        "model": GPT(TINY).state_dict(),
+        "model_config": asdict(TINY),
+        "tokenizer": {"kind": "byte"},
+        "train_state": {"step": 7},
+        **changes,
+    }
+    checkpoint.save(state, path)
+    return path
+
+
+def test_a_checkpoint_and_its_export_load_as_the_same_model(tmp_path: Path) -> None:
+    ckpt = _model_checkpoint(tmp_path / "last.pt")
+    out = export.export(ckpt)
+    assert out == tmp_path / "last.safetensors"
+    (a, tok, _), (b, _, _) = weights.load_model(ckpt), weights.load_model(out)
+    assert tok.name == "byte" and not a.training
+    assert a.lm_head.weight is a.transformer.wte.weight  # still tied after loading
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_huge_claim_fails_on_the_count_before_any_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+    monkeypatch.setattr(weights, "GPT", type("Spy", (GPT,), {"__init__": built.append}))
+    claim = {**asdict(TINY), "n_layer": 48, "d_model": 4096, "n_head": 32}
+    ckpt = _model_checkpoint(tmp_path / "last.pt", model_config=claim)
+    with pytest.raises(CheckpointError) as err:
+        weights.load_model(ckpt)
+    assert str(err.value) == (
+        f"{ckpt}: the config implies 9,667,321,856 parameters but the file holds 10,816"
+    )
+    assert built == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_head": 3}, "model_config.n_head=3 must divide model_config.d_model=16"),
+        ({"n_layer": True}, "model_config.n_layer=True must be an int"),
+        ({"d_model": "16"}, "model_config.d_model='16' must be an int"),
+        ({"bias": 1}, "model_config.bias=1 must be a bool"),
+        ({"dropout": 1.5}, "model_config.dropout=1.5 must be in [0, 1)"),
+        ({"block_size": 0}, "model_config.block_size=0 must be >= 1"),
+        ({"name": "tiny"}, "model_config.name is not a model setting"),
+    ],
+)
+def test_the_model_config_obeys_the_rules_of_a_users_config(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    ckpt = _model_checkpoint(tmp_path / "last.pt", model_config={**asdict(TINY), **change})
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt}: {message}")):
+        weights.load_model(ckpt)
+
+
+def test_a_missing_setting_and_a_broken_tokenizer_are_named(tmp_path: Path) -> None:
+    config = {k: v for k, v in asdict(TINY).items() if k != "vocab_size"}
+    ckpt = _model_checkpoint(tmp_path / "a.pt", model_config=config)
+    with pytest.raises(CheckpointError, match="model_config lacks vocab_size$"):
+        weights.load_model(ckpt)
+    ckpt = _model_checkpoint(tmp_path / "b.pt", tokenizer={"kind": "bpe", "json": "{"})
+    with pytest.raises(CheckpointError, match=r"b\.pt: tokenizer: the saved BPE tokenizer does"):
+        weights.load_model(ckpt)
+
+
+def test_tensors_must_match_the_config_by_name_and_shape(tmp_path: Path) -> None:
+    tensors = GPT(TINY).state_dict()
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"].t()  # same count
+    ckpt = _model_checkpoint(tmp_path / "a.pt", model=tensors)
+    with pytest.raises(CheckpointError, match=r"wpe.weight has shape \[16, 8\], the config needs"):
+        weights.load_model(ckpt)
+    tensors = GPT(TINY).state_dict()
+    tensors["transformer.wpe.renamed"] = tensors.pop("transformer.wpe.weight")
+    ckpt = _model_checkpoint(tmp_path / "b.pt", model=tensors)
+    with pytest.raises(CheckpointError, match="tensor transformer.wpe.weight is missing"):
+        weights.load_model(ckpt)
+
+
+def test_checkpoint_never_imports_the_foreign_formats() -> None:
+    """The formats import checkpoint, never the other way round (STYLE: one home per format)."""
+    tree = ast.parse(Path(checkpoint.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.startswith("minigpt")}
+
+
+@pytest.mark.parametrize("reader", [checkpoint.load, weights.load_model])
+def test_a_folder_or_a_device_is_not_a_checkpoint(tmp_path: Path, reader: Any) -> None:
+    for path in (tmp_path, Path("/dev/zero")):
+        with pytest.raises(CheckpointError, match=f"^checkpoint {path} is not a file"):
+            reader(path)
+    with pytest.raises(CheckpointError, match="does not exist$"):
+        reader(tmp_path / "model.safetensors")

@@ -175,3 +175,76 @@ def test_command_line_prints_the_table_and_fails_on_a_folder_without_runs(
     empty.mkdir()
     assert report.main([str(empty)]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def _only_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_report_out_creates_missing_folders_and_writes_only_report_files(sweep: Path) -> None:
+    out = sweep.parent / "reports" / "size" / "v1"
+    report.write_report(sweep, out)
+    report.write_report(sweep, out)  # its own report.md is replaced without --force
+    drawn = {report.REPORT_FILE, report.LOSS_VS_STEP, report.LOSS_VS_TOKENS}
+    drawn.add(report.VAL_LOSS_VS_PARAMS)
+    assert {p.name for p in out.iterdir()} == drawn  # no temp folder left, nothing else written
+    assert (out / report.REPORT_FILE).read_text().startswith(f"# Report: {sweep}")
+
+
+def test_report_into_a_run_folder_leaves_the_runs_own_files_untouched(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_job(run, overrides=["model=tiny"], params=70_000)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    report.write_report(run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in before} == before
+
+
+def test_report_out_that_is_a_file_is_one_error_line(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert report.main([str(sweep), "--out", str(out)]) == 2
+    assert "is a file" in _only_error_line(capsys.readouterr().err)
+    assert out.read_text() == "mine"
+    assert report.main([str(sweep), "--out", str(out / "sub")]) == 2  # cannot be made
+    assert "cannot write the report" in _only_error_line(capsys.readouterr().err)
+
+
+def test_report_md_not_written_by_a_report_needs_force(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "report.md").write_text("# My thesis notes\n")
+    assert report.main([str(sweep), "--out", str(out)]) == 2
+    assert "pass --force" in _only_error_line(capsys.readouterr().err)
+    assert (out / "report.md").read_text() == "# My thesis notes\n"
+    assert [p.name for p in out.iterdir()] == ["report.md"]
+    assert report.main([str(sweep), "--out", str(out), "--force"]) == 0
+    assert (out / "report.md").read_text().startswith("# Report:")
+
+
+def test_a_failed_report_leaves_no_half_written_file(
+    sweep: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def disk_full(jobs: list[report.Job], out: Path) -> Path:
+        (out / report.VAL_LOSS_VS_PARAMS).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device", str(out / report.VAL_LOSS_VS_PARAMS))
+
+    monkeypatch.setattr(report, "plot_val_loss_vs_params", disk_full)
+    out = sweep.parent / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 2
+    assert "No space left on device" in _only_error_line(capsys.readouterr().err)
+    assert list(out.iterdir()) == []
+
+
+def test_a_command_line_mistake_is_an_error_line_then_the_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        report.main([])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and err[0].startswith("error: ") and err[1].startswith("usage:")
