@@ -23,5 +23,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_free_text(sys.argv[1:], keys=("prompt",))
+    # Prompts are text and these are file names, never Hydra syntax or ${...} interpolations.
+    paths = ("checkpoint", "prompt_file")
+    sys.argv[1:] = quote_free_text(sys.argv[1:], keys=("prompt",), paths=paths)
     run_main(main)

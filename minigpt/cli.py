@@ -229,23 +229,52 @@ def _short_path(path: Path) -> str:
     return shown[-128:]  # W&B group names are at most 128 characters
 
 
-def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
-    """Quote free-text values (prompts) for Hydra, so ``prompt="def main("`` works as typed.
+def quote_free_text(
+    argv: list[str], keys: tuple[str, ...], paths: tuple[str, ...] = ()
+) -> list[str]:
+    """Quote free text (prompts) and file names for Hydra, so each reaches the config as typed.
 
-    The shell strips the user's quotes and Hydra's override grammar rejects ``(``, ``,``, ``[``
-    and more in a bare value. A value already in Hydra quotes (``'prompt="x"'``) is left alone.
+    The shell strips the user's quotes; Hydra's override grammar rejects ``(``, ``,``, ``[`` and
+    more in a bare value, and OmegaConf would resolve ``${...}`` in it. Each value of ``keys``
+    or ``paths`` becomes a quoted override whose text is the literal value. A value already in
+    Hydra quotes (``'prompt="x"'``, or ``'x','y'`` for a sweep) keeps Hydra's reading of its
+    quotes, and is made literal the same way. A bare ``null`` of ``paths`` stays unset.
     """
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in keys and not _hydra_quoted(value):
-            # Hydra unescapes only backslashes before a quote or at the end, and escaped quotes.
-            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-            value = value.replace("'", "\\'")
-            arg = f"{key}='{value}'"
+        name = key.lstrip("+~")
+        if sep and (name in keys or (name in paths and value != "null")):
+            texts = _hydra_quoted(value)
+            arg = f"{key}=" + ",".join(_literal(text) for text in texts or [value])
         out.append(arg)
     return out
 
 
-def _hydra_quoted(value: str) -> bool:
-    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+def _literal(text: str) -> str:
+    """A Hydra quoted value that OmegaConf reads back as exactly ``text``."""
+    # OmegaConf reads `\${` as a literal `${` and unescapes backslashes only before a `${`: n
+    # backslashes then `${` are written 2n + 1 backslashes then `${`. Inside quotes, Hydra then
+    # unescapes only backslashes before a quote or at the very end (\Z: `$` matches before a
+    # final newline too), and escaped quotes.
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    text = re.sub(r"(\\+)(?='|\Z)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def _hydra_quoted(value: str) -> list[str] | None:
+    """The texts of a value the user put in Hydra quotes (one, or several for a sweep)."""
+    from hydra.core.override_parser.types import ChoiceSweep, QuotedString
+
+    if value[:1] not in ("'", '"'):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}").value()
+    except HydraException:
+        return None  # text that merely starts with a quote, like `'a' or 'b'`
+    if isinstance(parsed, str):  # Hydra's grammar: a value opening with a quote is one string
+        return [parsed]
+    quoted = isinstance(parsed, ChoiceSweep) and parsed.simple_form
+    if quoted and all(isinstance(item, QuotedString) for item in parsed.list):
+        return [item.text for item in parsed.list]
+    return None

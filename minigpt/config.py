@@ -183,6 +183,7 @@ class TrainConfig:
             )
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
         _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        _require(0 <= self.seed < 2**63, f"train.seed={self.seed} must be in [0, 2**63)")
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.dtype", self.dtype, DTYPES)
         _one_of("train.progress", self.progress, ("auto", "bar", "lines", "off"))
@@ -259,7 +260,12 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         _require(bool(self.checkpoint), "checkpoint is not set; pass checkpoint=PATH/TO/last.pt")
         _require(self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0")
-        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _require(self.prompt_file != "", "prompt_file is empty; give a file name, or prompt=TEXT")
+        # The comparisons are False for nan; inf would turn every logit into nan.
+        _require(
+            0 < self.temperature < float("inf"),
+            f"temperature={self.temperature} must be a finite number > 0",
+        )
         _require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 or null")
         _require(
             self.top_p is None or 0 < self.top_p <= 1,
@@ -267,6 +273,8 @@ class GenerateConfig:
         )
         _require(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
         _one_of("device", self.device, DEVICES)
+        # torch.Generator.manual_seed takes a 64-bit integer; [0, 2**63) fits every device's.
+        _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
 
 
 GROUPS = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,17 +36,29 @@ def sample_next(
     of 0 means greedy (the limit of the distribution as temperature falls to 0). `logits` is
     not modified. Pass a `generator` to make draws reproducible without touching global RNG.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+    if not 0 <= temperature < float("inf"):  # also False for nan
+        raise ValueError(f"temperature={temperature} must be finite and >= 0")
     if temperature == 0:
         return greedy_next(logits)
-    logits = logits.float() / temperature
+    logits = _divide_by_temperature(logits.float(), temperature)
     if top_k is not None:
         logits = _keep_top_k(logits, top_k)
     if top_p is not None:
         logits = _keep_top_p(logits, top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, safe however small the temperature.
+
+    Softmax ignores a shift, so shifting each row by its max changes no probability; but then
+    the top logit is 0 and the others are negative, so a tiny temperature sends them to -inf
+    instead of overflowing to inf - inf = nan: sampling becomes the arg-max, its limit. The top
+    is set to 0 again because 0 / t is nan when t is too small for float32 (below ~1e-45).
+    """
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return (shifted / temperature).masked_fill(shifted == 0, 0.0)
 
 
 def _keep_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -166,8 +180,9 @@ def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
     """``generate.py``: load the checkpoint, then print each sample, prompt first, as it is made."""
     out = out or sys.stdout
     device = _resolve_device(cfg.device)
-    model, tokenizer, _ = load_model(cfg.checkpoint, device)
+    _check_checkpoint_path(cfg.checkpoint)  # before the loader, which would call a folder missing
     prompt = _read_prompt(cfg)
+    model, tokenizer, _ = load_model(cfg.checkpoint, device)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("prompt is empty after tokenization; give a prompt of at least one token")
@@ -194,30 +209,95 @@ def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
     return texts
 
 
+# A token that ends in an incomplete UTF-8 character is held back until the character is whole;
+# a model that emits bytes which never form one gets them written (as U+FFFD) after this many.
+MAX_HELD_TOKENS = 16
+
+
 def _stream(tokenizer: Tokenizer, ids: Iterable[int], out: TextIO) -> str:
-    """Write text as tokens arrive, holding back a byte sequence that is not yet whole UTF-8."""
-    seen: list[int] = []
-    shown = ""
+    """Write text as tokens arrive, holding back a byte sequence that is not yet whole UTF-8.
+
+    Only the held-back tokens are decoded again at each step, so a long generation costs time
+    linear in its length (decoding everything seen so far at every step was quadratic).
+    """
+    pieces: list[str] = []
+    held: list[int] = []
     for token in ids:
-        seen.append(token)
-        text = tokenizer.decode(seen)
-        if text.endswith("\ufffd"):
+        held.append(token)
+        text = tokenizer.decode(held)
+        if text.endswith("\ufffd") and len(held) < MAX_HELD_TOKENS:
             continue
-        out.write(text[len(shown) :])
+        out.write(text)
         out.flush()
-        shown = text
-    text = tokenizer.decode(seen)
-    out.write(text[len(shown) :])
-    return text
+        pieces.append(text)
+        held = []
+    if held:
+        pieces.append(tokenizer.decode(held))
+        out.write(pieces[-1])
+    return "".join(pieces)
+
+
+def _check_checkpoint_path(checkpoint: str) -> None:
+    """Refuse a folder (a run folder, say) or a device by name, in one line."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        example = path / "last.pt" if (path / "last.pt").is_file() else path / "checkpoints/last.pt"
+        raise ConfigError(
+            f"checkpoint={checkpoint} is a folder, not a checkpoint file (e.g. {example})"
+        )
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"checkpoint={checkpoint} is not a regular file; give a checkpoint file")
 
 
 def _read_prompt(cfg: GenerateConfig) -> str:
+    """The prompt as typed, or the text of ``prompt_file``, refused in one line when unusable."""
     if cfg.prompt_file is None:
-        return cfg.prompt
-    path = Path(cfg.prompt_file).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"prompt_file={cfg.prompt_file} does not exist")
-    return path.read_text(encoding="utf-8")
+        try:  # argv's undecodable bytes arrive as surrogates (PEP 383): get those bytes back
+            raw = cfg.prompt.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = cfg.prompt.encode("utf-8", "surrogatepass")
+        return _decode_utf8("prompt", raw)
+    return _decode_utf8(f"prompt_file={cfg.prompt_file}", _read_prompt_file(cfg.prompt_file))
+
+
+# The model sees only the last block_size tokens of a prompt; a bigger file is surely a mistake.
+MAX_PROMPT_FILE_BYTES = 16 * 2**20
+
+
+def _read_prompt_file(name: str) -> bytes:
+    """The bytes of a regular file of at most MAX_PROMPT_FILE_BYTES; never waits on a FIFO."""
+    path = Path(name).expanduser()
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"prompt_file={name} is a folder, not a text file")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"prompt_file={name} is not a regular file (a device, FIFO or socket); "
+                "give a text file"
+            )
+        # O_NONBLOCK: should the file become a FIFO after the check, opening it must not wait.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)  # st_size is 0 for /proc files: read <= max
+    except FileNotFoundError:
+        raise ConfigError(f"prompt_file={name} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"prompt_file={name} cannot be read ({err.strerror})") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise ConfigError(
+            f"prompt_file={name} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MiB; "
+            "the model sees only the last block_size tokens, so give the end of it"
+        )
+    return data
+
+
+def _decode_utf8(what: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} is not UTF-8 text: invalid byte 0x{data[err.start]:02x} at offset {err.start}"
+        ) from None
 
 
 def _resolve_device(name: str) -> torch.device:

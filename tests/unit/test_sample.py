@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import generate, greedy_next, sample_next
+from minigpt.sample import MAX_HELD_TOKENS, _stream, generate, greedy_next, sample_next
+from minigpt.tokenizer import ByteTokenizer
 
 VOCAB = 50
 
@@ -107,7 +113,39 @@ def test_sample_next_leaves_the_logits_untouched():
     assert torch.equal(logits, before)
 
 
-@pytest.mark.parametrize("bad", [{"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1}])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5}, {"top_p": 0.9}, {"top_k": 5, "top_p": 0.9}])
+def test_a_vanishing_temperature_samples_the_argmax(temperature, filters):
+    logits = random_logits(batch=64) * 100  # large gaps: dividing them overflows float32
+    picked = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0), **filters)
+    assert torch.equal(picked, greedy_next(logits))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.8, 1.0, 3.0])
+def test_ordinary_temperatures_sample_as_softmax_of_logits_over_temperature(temperature):
+    logits = random_logits(batch=256, seed=3) + 40.0  # an offset that the shift must not matter
+
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(11)
+        return torch.multinomial(probs, num_samples=1, generator=g).squeeze(-1)
+
+    expected = draw(F.softmax(logits / temperature, dim=-1))
+    g = torch.Generator().manual_seed(11)
+    assert torch.equal(sample_next(logits, temperature, generator=g), expected)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_p": math.nan},
+        {"temperature": -1},
+        {"temperature": math.inf},
+        {"temperature": math.nan},
+    ],
+)
 def test_sample_next_rejects_invalid_settings(bad):
     settings = {"temperature": 1.0, "top_k": None, "top_p": None} | bad
     with pytest.raises(ValueError):
@@ -180,3 +218,47 @@ def test_generate_runs_in_eval_mode_and_restores_training_mode():
 
 def test_generate_yields_nothing_for_zero_new_tokens():
     assert list(generate(tiny_model(), prompt_tokens(1, 4), 0)) == []
+
+
+def test_a_billion_new_tokens_stream_without_allocating_for_them():
+    stream = generate(tiny_model(), prompt_tokens(1, 4), 10**9, greedy=True)
+    assert len(list(itertools.islice(stream, 3))) == 3  # would take gigabytes if preallocated
+    stream.close()
+
+
+class CountingByteTokenizer(ByteTokenizer):
+    """Bytes as tokens, remembering the longest list of ids it was asked to decode."""
+
+    longest = 0
+
+    def decode(self, ids):
+        self.longest = max(self.longest, len(ids))
+        return super().decode(ids)
+
+
+class Chunks(io.StringIO):
+    """An output that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.chunks.append(s)
+        return super().write(s)
+
+
+def test_streamed_text_is_whole_characters_and_equals_the_full_decode():
+    text = "plain é 漢字 🙂 end" * 50
+    tokenizer, out = CountingByteTokenizer(), Chunks()
+    assert _stream(tokenizer, list(text.encode("utf-8")), out) == text
+    assert out.getvalue() == text
+    assert not any("\ufffd" in chunk for chunk in out.chunks)  # no character was cut in two
+    assert tokenizer.longest <= 4  # only the bytes of one unfinished character are re-decoded
+
+
+def test_bytes_that_never_form_a_character_are_written_not_held_for_ever():
+    tokenizer, out = CountingByteTokenizer(), io.StringIO()
+    text = _stream(tokenizer, [0xFF] * 1000 + [ord("x")], out)
+    assert text == "\ufffd" * 1000 + "x"
+    assert tokenizer.longest <= MAX_HELD_TOKENS
