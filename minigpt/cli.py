@@ -28,7 +28,8 @@ from minigpt.checkpoint import CheckpointError
 from minigpt.config import ConfigError
 from minigpt.tracking import JobInfo
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, distributed.LaunchError)
+EXIT_CTRL_C = 130  # the shell's 128 + SIGINT
 EXIT_USER_ERROR = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -101,6 +102,8 @@ def run_main(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except KeyboardInterrupt:
+        _exit("stopped by Ctrl-C; checkpoints written before it are intact", EXIT_CTRL_C)
     except JobFailed as err:  # Hydra re-raises the first failure once every job has run
         _exit(f"a job of the sweep failed ({err}); the other jobs ran to their end", err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
@@ -178,7 +181,11 @@ def follower_overrides(argv: list[str]) -> list[str]:
     Under torchrun or srun every rank runs ``train.py``; each Hydra would make its own
     timestamped folder. Followers write nothing and are told rank 0's folder by the trainer.
     """
-    if distributed.detect().rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv):
+    try:
+        rank = distributed.detect().rank
+    except distributed.LaunchError:
+        return []  # the trainer reports it, as one line, once Hydra has started
+    if rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv):
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 

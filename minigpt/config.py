@@ -117,6 +117,7 @@ class DataConfig:
             f"data.vocab_size={self.vocab_size} must be in [257, 262144] for data.tokenizer=bpe",
         )
         _require(self.num_proc >= 1, f"data.num_proc={self.num_proc} must be >= 1")
+        _require(self.split_seed >= 0, f"data.split_seed={self.split_seed} must be >= 0")
 
 
 OPTIMIZERS = ("adamw",)

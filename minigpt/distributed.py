@@ -53,6 +53,10 @@ _HOST = re.compile(r"(?:[^\[\],\s]|\[[^\[\]]*\])+")  # a name, brackets included
 _HOSTLIST = re.compile(rf"{_HOST.pattern}(?:(?:\s*,\s*|\s+){_HOST.pattern})*")
 
 
+class LaunchError(ValueError):
+    """The launcher's variables or the device cannot make a job (printed as one line)."""
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job; passed around instead of global distributed state."""
@@ -177,14 +181,19 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
     the variable, so a broken launch fails at startup instead of hanging in the rendezvous.
     """
     env = os.environ if env is None else env
-    if _has(env, "RANK") or _has(env, "WORLD_SIZE"):
-        dist = _detect_torchrun(env)
-    elif _in_srun_step(env):
-        dist = _detect_slurm(env)
-    else:
-        dist = Dist()
-    job_id = env.get("SLURM_JOB_ID", "").strip() or None
-    restarts = _int(env, "SLURM_RESTART_COUNT", default=0)
+    try:
+        if _has(env, "RANK") or _has(env, "WORLD_SIZE"):
+            dist = _detect_torchrun(env)
+        elif _in_srun_step(env):
+            dist = _detect_slurm(env)
+        else:
+            dist = Dist()
+        job_id = env.get("SLURM_JOB_ID", "").strip() or None
+        restarts = _int(env, "SLURM_RESTART_COUNT", default=0)
+    except LaunchError:
+        raise
+    except ValueError as err:
+        raise LaunchError(f"{err} (launcher environment: torchrun or srun sets it)") from None
     return replace(dist, slurm_job_id=job_id, slurm_restart_count=restarts)
 
 
@@ -361,14 +370,16 @@ def _resolve_device(device: str, local_rank: int) -> str:
     if device == "cpu" or device.startswith("cuda:"):
         return device
     if device != "cuda":
-        raise ValueError(f"device={device!r} must be one of auto, cpu, cuda, cuda:N")
+        raise LaunchError(f"device={device!r} must be one of auto, cpu, cuda, cuda:N")
     count = torch.cuda.device_count()
     if count == 0:
-        raise ValueError("device='cuda' but no CUDA device is visible")
+        raise LaunchError(
+            "train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto"
+        )
     if count == 1:  # e.g. SLURM --gpus-per-task=1: each task sees only its own GPU
         return "cuda:0"
     if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU: only {count} are visible")
+        raise LaunchError(f"local rank {local_rank} has no GPU: only {count} are visible")
     return f"cuda:{local_rank}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import sys
 import time
 from importlib import metadata
@@ -59,6 +60,30 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def compiler_missing(device_type: str) -> str | None:
+    """Why ``torch.compile`` cannot build kernels here (no C/C++ compiler), else None.
+
+    Inductor compiles C++ for CPU kernels and Triton builds C launchers for GPU kernels; without
+    a compiler the first step fails after a 100-line traceback. Asking first gives one line.
+    """
+    if device_type == "cpu":
+        try:
+            from torch._inductor import cpp_builder, exc
+
+            cpp_builder.get_cpp_compiler()  # the search inductor itself does ($CXX, then g++)
+            return None
+        except (ImportError, AttributeError):
+            found = shutil.which(os.environ.get("CXX", "g++"))
+            return None if found else f"no C++ compiler ({os.environ.get('CXX', 'g++')})"
+        except exc.InvalidCxxCompiler:
+            return f"no C++ compiler (looked for {os.environ.get('CXX', 'g++')})"
+    cc = os.environ.get("CC")
+    if cc:
+        return None if shutil.which(cc) else f"no C compiler (CC={cc})"
+    found = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    return None if found else "no C compiler (cc, gcc or clang) for Triton"
 
 
 def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:

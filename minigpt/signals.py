@@ -1,4 +1,4 @@
-"""Stop requests from the scheduler: SIGUSR2 (time limit or preemption) and SIGTERM.
+"""Stop requests: SIGUSR2 (time limit or preemption) and SIGTERM from the scheduler, Ctrl-C.
 
 A signal handler runs between two Python bytecodes, possibly in the middle of a backward pass or
 a collective, so it only records the request. The trainer looks at it at step boundaries, where
@@ -8,6 +8,7 @@ handled SIGUSR2 before (submitit's handler checkpoints the job function and requ
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequested(Exception):  # noqa: N818 - a request, not an error
@@ -29,7 +30,11 @@ class StopRequested(Exception):  # noqa: N818 - a request, not an error
 
 
 class StopSignals:
-    """Records SIGUSR2/SIGTERM while installed; remembers the handlers it replaced."""
+    """Records SIGUSR2/SIGTERM/SIGINT while installed; remembers the handlers it replaced.
+
+    Ctrl-C stops like SIGTERM: at the next step boundary, with a checkpoint. A second Ctrl-C
+    raises KeyboardInterrupt at once (the last checkpoint written stays intact).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -49,7 +54,16 @@ class StopSignals:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        # SIGTERM wins over SIGUSR2: it means the scheduler is about to kill the job.
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            # os.write: print() from a handler can interrupt another print to the same stream.
+            os.write(
+                2,
+                b"\nCtrl-C: stopping at the next step with a checkpoint "
+                b"(Ctrl-C again to stop at once)\n",
+            )
+        # SIGTERM wins over SIGUSR2 over SIGINT: it means the scheduler is about to kill the job.
         self.signum = max(self.signum or 0, signum)
 
     def hand_over(self, signum: int, requeue: bool) -> None:
@@ -63,8 +77,8 @@ class StopSignals:
         """
         previous = self._previous.get(signal.SIGUSR2)
         self.uninstall()
-        if signum == signal.SIGTERM and not requeue:
-            return
+        if not (signum == signal.SIGUSR2 or (signum == signal.SIGTERM and requeue)):
+            return  # Ctrl-C, or a SIGTERM that ends the job
         if callable(previous):
             handler: Callable[[int, FrameType | None], Any] = previous
             try:

@@ -61,9 +61,9 @@ def train(
 ) -> float:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final validation loss.
 
-    Raises StopRequested after SIGUSR2/SIGTERM, once every rank has stopped at the same step and
-    the checkpoint is written; the signal has then been handed to the handler it displaced
-    (under submitit, rank 0's requeues the job and exits).
+    Raises StopRequested after SIGUSR2/SIGTERM/SIGINT, once every rank has stopped at the same
+    step and the checkpoint is written; the signal has then been handed to the handler it
+    displaced (under submitit, rank 0's requeues the job and exits).
     """
     dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
     stop = StopSignals().install()
@@ -110,6 +110,7 @@ class Trainer:
         self.device = torch.device(dist.device)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
         _check_dtype(self.dtype, self.device)
+        _check_compiler(cfg.train.compile, self.device)
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
@@ -509,6 +510,15 @@ def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> No
         random.setstate((version, tuple(internal), gauss_next))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _check_compiler(compile: bool, device: torch.device) -> None:
+    missing = runtime.compiler_missing(device.type) if compile else None
+    if missing:
+        raise ConfigError(
+            f"train.compile=true needs a compiler for torch.compile and there is {missing}; "
+            "install one (apt-get install g++, or module load gcc) or set train.compile=false"
+        )
 
 
 def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:

@@ -46,6 +46,31 @@ def test_bad_training_option_is_one_clear_line(
     assert_one_line_error(run_entry("train.py", *args, cwd=tmp_path), *needles)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "env", "needles"),
+    [
+        (["train.device=cuda"], {"CUDA_VISIBLE_DEVICES": ""}, ["train.device=cuda", "no CUDA"]),
+        (["train.seed=-1"], {}, ["train.seed=-1", "[0, 2**63)"]),
+        ([f"train.seed={2**63}"], {}, [f"train.seed={2**63}"]),
+        (["data.split_seed=-5"], {}, ["data.split_seed=-5"]),
+        ([], {"RANK": "x", "WORLD_SIZE": "2"}, ["RANK='x' is not an integer"]),
+        ([], {"WORLD_SIZE": "0"}, ["WORLD_SIZE=0 must be >= 1"]),
+        ([], {"RANK": "3", "WORLD_SIZE": "2"}, ["RANK=3 must be below WORLD_SIZE=2"]),
+        (["train.compile=true"], {"CXX": "/nonexistent/g++"}, ["train.compile=true", "g++"]),
+    ],
+    ids=["cuda", "seed_neg", "seed_big", "split_seed", "rank_x", "world_0", "rank_3of2", "cxx"],
+)
+def test_a_run_that_cannot_start_here_is_one_clear_line(
+    overrides: list[str],
+    env: dict[str, str],
+    needles: list[str],
+    alphabet_corpus: Path,
+    tmp_path: Path,
+) -> None:
+    args = tiny_train_args(alphabet_corpus, tmp_path / "run", tmp_path / "cache", *overrides)
+    assert_one_line_error(run_entry("train.py", *args, cwd=tmp_path, env=env), *needles)
+
+
 def test_empty_corpus_is_one_clear_line(tmp_path: Path) -> None:
     corpus = tmp_path / "empty"
     corpus.mkdir()

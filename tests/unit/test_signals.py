@@ -63,3 +63,18 @@ def test_a_refused_requeue_is_reported_not_raised(capsys: pytest.CaptureFixture[
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert "not requeued" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_recorded_never_requeues_and_a_second_one_stops_at_once(
+    requeue_calls: list[int],
+) -> None:
+    stop = StopSignals().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, like SIGTERM
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: now
+    finally:
+        stop.hand_over(signal.SIGINT, requeue=True)
+    assert requeue_calls == []  # Ctrl-C never hands the stop to submitit's requeue
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
