@@ -8,7 +8,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minigpt.cli import fail, follower_overrides, job_info, run_main, user_errors_as_one_line
+from minigpt.cli import (
+    fail,
+    follower_overrides,
+    hydra_record,
+    job_info,
+    quote_paths,
+    run_main,
+    user_errors_as_one_line,
+)
 from minigpt.config import register_configs, to_object
 
 register_configs()
@@ -25,7 +33,8 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         overrides = list(hydra_cfg.overrides.task)
-        return train(config, hydra_cfg.runtime.output_dir, overrides, job_info(hydra_cfg))
+        record = hydra_record(cfg, hydra_cfg)
+        return train(config, hydra_cfg.runtime.output_dir, overrides, job_info(hydra_cfg), record)
     except TrainingError as err:
         fail(str(err), 1)
     except StopRequested as stop:
@@ -34,5 +43,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    paths = ("hydra.run.dir", "hydra.sweep.dir", "data.cache_dir", "resume")
+    sys.argv[1:] = quote_paths(sys.argv[1:], paths)
     sys.argv += follower_overrides(sys.argv[1:])
     run_main(main)

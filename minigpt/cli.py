@@ -190,6 +190,19 @@ def follower_overrides(argv: list[str]) -> list[str]:
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+def hydra_record(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str]:
+    """The files Hydra keeps in ``.hydra/``, for the trainer to write once the folder is ours.
+
+    ``conf/config.yaml`` sets ``hydra.output_subdir: null``: Hydra would write them before any of
+    our code runs, over the record of a run that already lives in the folder.
+    """
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+    }
+
+
 def job_info(hydra_cfg: DictConfig) -> JobInfo:
     """How trackers name this run: the jobs of one multirun share a group named after the sweep
     folder, and each is named by the values it was given of the swept keys."""
@@ -256,6 +269,33 @@ def quote_free_text(
             arg = f"{key}=" + ",".join(_literal(text) for text in texts or [value])
         out.append(arg)
     return out
+
+
+def quote_paths(argv: list[str], paths: tuple[str, ...]) -> list[str]:
+    """Quote the file names among ``paths`` that Hydra's grammar would not read as typed
+    (``,`` ``[ ]`` ``=`` spaces, a leading ``~``), so ``hydra.run.dir=runs/a,b`` is that folder.
+    A value Hydra reads as itself is left alone, and so is a comma under ``-m`` (a sweep)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if (
+            sep
+            and key.lstrip("+~") in paths
+            and not _read_as_typed(value)
+            and not (multirun and "," in value)
+        ):
+            arg = quote_free_text([arg], keys=(), paths=paths)[0]
+        out.append(arg)
+    return out
+
+
+def _read_as_typed(value: str) -> bool:
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}").value()
+    except HydraException:
+        return False
+    return parsed == value
 
 
 def _literal(text: str) -> str:

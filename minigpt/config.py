@@ -183,8 +183,8 @@ class TrainConfig:
                 getattr(self, key) >= 0, f"train.{key}={getattr(self, key)} must be >= 0 (0: off)"
             )
         _require(self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1")
-        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _require(0 <= self.seed < 2**63, f"train.seed={self.seed} must be in [0, 2**63)")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.dtype", self.dtype, DTYPES)
         _one_of("train.progress", self.progress, ("auto", "bar", "lines", "off"))
@@ -260,8 +260,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.checkpoint), "checkpoint is not set; pass checkpoint=PATH/TO/last.pt")
-        _require(self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0")
         _require(self.prompt_file != "", "prompt_file is empty; give a file name, or prompt=TEXT")
+        _require(self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0")
         # The comparisons are False for nan; inf would turn every logit into nan.
         _require(
             0 < self.temperature < float("inf"),
@@ -273,9 +273,9 @@ class GenerateConfig:
             f"top_p={self.top_p} must be in (0, 1] or null",
         )
         _require(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
-        _one_of("device", self.device, DEVICES)
         # torch.Generator.manual_seed takes a 64-bit integer; [0, 2**63) fits every device's.
         _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
+        _one_of("device", self.device, DEVICES)
 
 
 GROUPS = {

@@ -24,6 +24,7 @@ from typing import Any
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
+from minigpt import runlock
 from minigpt.cli import OneLineParser
 from minigpt.distributed import squeue
 from minigpt.tracking import METRICS_FILE
@@ -40,6 +41,7 @@ _STYLE = {
     "pending": "--",
     "interrupted": "--",
     "failed": ":",
+    "dead": ":",
 }
 
 
@@ -65,11 +67,16 @@ class Job:
         """completed / failed / running as run.json says; running once metrics exist, or pending.
 
         A SLURM job that is no longer queued but never wrote completed or failed (it crashed
-        before run.json, or was killed outright: out of memory, time limit) is failed.
+        before run.json, or was killed outright: out of memory, time limit) is failed. A run
+        that says running but whose process no longer holds the run folder was killed outright:
+        dead (its last checkpoint resumes it).
         """
         if self.lost is not None:
             return "failed"
-        return str(self.info.get("status") or ("running" if self.events else "pending"))
+        status = str(self.info.get("status") or ("running" if self.events else "pending"))
+        if status == "running" and runlock.holder_of(self.path) is None:
+            return "dead"
+        return status
 
     @property
     def steps(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt import checkpoint, distributed, runtime
+from minigpt import checkpoint, distributed, runfolder, runlock, runtime
 from minigpt.batches import BatchSampler, eval_batches
 from minigpt.config import Config, ConfigError, as_dict
 from minigpt.data import Corpus, prepare_corpus
@@ -58,19 +58,25 @@ def train(
     run_dir: str | os.PathLike[str],
     overrides: list[str] | None = None,
     job: JobInfo | None = None,
+    record: dict[str, str] | None = None,
 ) -> float:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final validation loss.
 
+    ``record`` maps file names to the text that goes into ``run_dir/.hydra`` once the folder is
+    ours (the composed config and overrides): a refused run writes nothing.
     Raises StopRequested after SIGUSR2/SIGTERM/SIGINT, once every rank has stopped at the same
     step and the checkpoint is written; the signal has then been handed to the handler it
     displaced (under submitit, rank 0's requeues the job and exits).
     """
     dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
     stop = StopSignals().install()
+    lock = None
     try:
         # Every rank must use rank 0's folder: their own Hydra may have picked another timestamp.
         run_dir = Path(distributed.broadcast_object(str(Path(run_dir).resolve()), dist))
-        return Trainer(cfg, run_dir, dist, overrides or [], job, stop).fit()
+        lock = _hold(run_dir, dist)
+        trainer = Trainer(cfg, run_dir, dist, overrides or [], job, stop, record or {})
+        return trainer.fit()
     except StopRequested as request:
         request.__traceback__ = None  # its frames hold the Trainer: let teardown free DDP first
         distributed.teardown(dist)
@@ -85,8 +91,25 @@ def train(
             raise
         raise TrainingError(_out_of_space(err, Path(run_dir))) from err
     finally:
+        if lock is not None:
+            lock.release()
         stop.uninstall()
         distributed.teardown(dist)
+
+
+def _hold(run_dir: Path, dist: Dist) -> runlock.RunLock | None:
+    """Rank 0 takes the run folder for the whole job (its ranks are one holder); every rank
+    learns whether it could, so that all of them stop together when another run has it."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = runlock.acquire(run_dir, dist.slurm_job_id, dist.slurm_restart_count)
+        except runlock.RunFolderError as err:
+            refusal = str(err)
+    refusal = distributed.broadcast_object(refusal, dist)
+    if refusal is not None:
+        raise runlock.RunFolderError(refusal)
+    return lock
 
 
 class Trainer:
@@ -100,9 +123,13 @@ class Trainer:
         overrides: list[str],
         job: JobInfo | None = None,
         stop: StopSignals | None = None,
+        record: dict[str, str] | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.dist, self.overrides = cfg, run_dir, dist, overrides
         self.stop = stop or StopSignals()
+        self.record = record or {}
+        self.notes: list[str] = []  # what a resume found changed, for the console and run.json
+        self.data_change: dict[str, Any] | None = None
         self._saved_step = -1
         self.job = job or JobInfo()
         self.logger_run_id: str | None = None  # the W&B run; a checkpoint carries it to a resume
@@ -153,16 +180,27 @@ class Trainer:
         return wrapped
 
     def _maybe_resume(self) -> Path | None:
-        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        """Load the checkpoint rank 0 chose for this run folder, after checking it fits."""
+        path, ckpt = self._choose_checkpoint()
         if path is None:
             return None
-        ckpt = checkpoint.load(path, map_location=self.device)
-        if ckpt["model_config"] != asdict(self.model.config):
-            raise ConfigError(
-                f"resume={path} holds a model of another shape ({_shape(ckpt['model_config'])}) "
-                f"than model= ({_shape(asdict(self.model.config))}); use resume=never or a new "
-                "hydra.run.dir"
+        if ckpt is None:
+            ckpt = checkpoint.load(path, map_location=self.device)
+        runfolder.check_resumable(
+            ckpt, path, asdict(self.model.config), self.corpus.tokenizer.state()
+        )
+        step = int(ckpt["train_state"]["step"])
+        if step > self.cfg.train.max_steps:
+            raise runlock.RunFolderError(
+                f"train.max_steps={self.cfg.train.max_steps} is below step {step}, which the run "
+                f"in {self.run_dir} has reached; give train.max_steps={step} or more, or give a "
+                "new run its own hydra.run.dir"
             )
+        self.notes, self.data_change = runfolder.resume_notes(
+            ckpt, as_dict(self.cfg), runfolder.data_summary(self.corpus.meta)
+        )
+        for note in self.notes:
+            self._say(note)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -173,10 +211,32 @@ class Trainer:
         self._resume_rng = ckpt["rng"]
         return path
 
+    def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """Rank 0 alone looks at (and may tidy) the run folder; the others load its choice."""
+        path, ckpt, refusal = None, None, None
+        if self.dist.is_main:
+            try:
+                path, ckpt = runfolder.start_from(
+                    self.cfg.resume, self.run_dir, self._say, self.device
+                )
+            except (ConfigError, checkpoint.CheckpointError) as err:
+                refusal = str(err)
+        chosen = distributed.broadcast_object((str(path) if path else None, refusal), self.dist)
+        if chosen[1] is not None:
+            raise runlock.RunFolderError(chosen[1])
+        return (Path(chosen[0]) if chosen[0] else None), ckpt
+
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
     # ---------------------------------------------------------------- the loop
     def fit(self) -> float:
         """Run until ``train.max_steps``; returns the last validation loss."""
         cfg, main = self.cfg.train, self.dist.is_main
+        if self.resumed_from is not None and self.state.step >= cfg.max_steps:
+            return self._complete()
+        self._write_record()
         tracker = build_tracker(
             self.cfg.logger,
             self.run_dir,
@@ -343,7 +403,38 @@ class Trainer:
         distributed.all_reduce_sum(sums, self.dist)
         return float(sums[0] / sums[1])
 
+    def _complete(self) -> float:
+        """The run already reached train.max_steps: say so and return its recorded result.
+
+        Nothing is written, unless the run was stopped between its last checkpoint and its
+        final run.json: then it is evaluated once and completed.
+        """
+        info = distributed.broadcast_object(runfolder.read_run_json(self.run_dir), self.dist)
+        recorded = info.get("final_val_loss")
+        done = info.get("status") == "completed" and info.get("steps") == self.state.step
+        if done and isinstance(recorded, (int, float)):
+            val_loss = float(recorded)
+        else:
+            val_loss = self.evaluate()
+            self.clock = _WallClock(self.run_dir / RUN_FILE, resumed=True)
+            self._write_run_json("completed", final_val_loss=val_loss)
+        self._say(
+            f"the run in {self.run_dir} is complete: step {self.state.step}/"
+            f"{self.cfg.train.max_steps}, final val loss {val_loss:.4f}; nothing to do "
+            "(raise train.max_steps to train it further)"
+        )
+        return val_loss
+
     # ---------------------------------------------------------------- outputs
+    def _write_record(self) -> None:
+        """Hydra's record of this attempt (.hydra/), written only once the folder is ours."""
+        if not self.dist.is_main or not self.record:
+            return
+        folder = self.run_dir / ".hydra"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in self.record.items():
+            (folder / name).write_text(text, encoding="utf-8")
+
     def _checkpoint(self, val_loss: float | None) -> None:
         """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes.
 
@@ -375,6 +466,7 @@ class Trainer:
             "train_state": asdict(self.state),
             "rng": {"per_rank": rng},
             "config": as_dict(self.cfg),
+            "data": runfolder.data_summary(self.corpus.meta),
             "logger_run_id": self.logger_run_id,
         }
         if self.scaler.is_enabled():
@@ -417,6 +509,8 @@ class Trainer:
             "global_batch": self.sampler.global_batch,
             "data": self.corpus.meta,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "resume_notes": self.notes,
+            "data_changed": self.data_change,
             "versions": runtime.versions(),
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
@@ -431,8 +525,12 @@ class Trainer:
         path = self.run_dir / RUN_FILE
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left only when the write failed (a full disk)
 
 
 class _Window:
@@ -526,11 +624,6 @@ def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
         raise ConfigError("train.dtype=float16 is for CUDA; on CPU use float32 or bfloat16")
 
 
-def _shape(model_config: dict[str, Any]) -> str:
-    keys = ("n_layer", "n_head", "d_model", "block_size", "vocab_size")
-    return ", ".join(f"{k}={model_config.get(k)}" for k in keys)
-
-
 def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
 
@@ -551,6 +644,6 @@ def _out_of_space(err: OSError, run_dir: Path) -> str:
         kept = f"the last good checkpoint, {last}" + (f" = {same[0].name}" if same else "")
         kept += ", is intact"
     return (
-        f"{err.strerror} writing {err.filename or run_dir}; {kept}. Free some space (fewer step "
-        "files: train.keep_last) and run the same command again to resume"
+        f"{err.strerror} writing {err.filename or f'into {run_dir}'}; {kept}. Free some space "
+        "(fewer step files: train.keep_last) and run the same command again to resume"
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from minigpt import report
+from minigpt import report, runlock
 
 
 def write_job(
@@ -34,6 +37,8 @@ def write_job(
         events.append({"step": steps + 1, "train/loss": "nan"})
     lines = [json.dumps(e) for e in events]
     (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99, "train/lo')
+    if status in (None, "running"):
+        runlock.acquire(folder)  # its process is alive: this one holds the folder
     if status is None:
         return
     info = {
@@ -156,6 +161,24 @@ def test_a_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
     jobs, written = report.write_report(run, out)
     assert [(j.label, j.status, j.steps) for j in jobs] == [("14-03-07", "running", 30)]
     assert written[0] == out / "report.md" and (out / report.LOSS_VS_STEP).exists()
+
+
+def test_a_run_whose_process_was_killed_outright_is_dead_not_running(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_job(run, overrides=["model=tiny"], status="running", steps=30)
+    (run / runlock.LOCK_FILE).unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock = runlock.acquire(run)  # written as the holder; then replaced by a killed one
+        lock.release()
+        holder = {**asdict(lock.holder), "pid": dead.pid, "pid_start": None}
+        (run / runlock.LOCK_FILE).write_text(json.dumps(holder))
+        assert report.load_jobs(run)[0].status == "running"  # its pid is alive
+        dead.kill()
+        dead.wait()
+        assert report.load_jobs(run)[0].status == "dead"  # SIGKILL: the lock stays, its pid not
+    finally:
+        dead.kill()
 
 
 def test_metrics_reader_skips_a_cut_line_and_reads_nan(tmp_path: Path) -> None:
