@@ -183,18 +183,3 @@ def _unsafe_reason(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     named = [line for line in lines if "Unsupported" in line or "global" in line.lower()]
     return (named or lines or ["weights-only load failed"])[0][:160]
-
-
-def resolve_resume(resume: str, run_dir: str | os.PathLike[str]) -> Path | None:
-    """Which checkpoint ``resume=auto|never|PATH`` means for this run folder."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        last = checkpoint_dir(run_dir) / LAST
-        return last if last.is_file() else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"resume={resume}: no such checkpoint file; use auto, never or a path"
-        )
-    return path

@@ -76,18 +76,6 @@ def test_best_is_a_link_to_last_not_a_second_write(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 6
 
 
-def test_resolve_resume(tmp_path: Path) -> None:
-    assert checkpoint.resolve_resume("auto", tmp_path) is None
-    assert checkpoint.resolve_resume("never", tmp_path) is None
-    last = checkpoint.checkpoint_dir(tmp_path) / "last.pt"
-    checkpoint.save({"step": 1}, last)
-    assert checkpoint.resolve_resume("auto", tmp_path) == last
-    assert checkpoint.resolve_resume("never", tmp_path) is None
-    assert checkpoint.resolve_resume(str(last), "/elsewhere") == last
-    with pytest.raises(CheckpointError, match="resume="):
-        checkpoint.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
-
-
 # ---------------------------------------------------------------- model files (minigpt.weights)
 TINY = GPTConfig(n_layer=2, n_head=2, d_model=16, block_size=8, vocab_size=256)
 
