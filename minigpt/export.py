@@ -46,8 +46,8 @@ def export(
 
 
 def check_output(src: Path, out: Path, force: bool) -> None:
-    """Refuse a folder, a path under a file, the input itself (under any name) and, without
-    ``force``, any existing file."""
+    """Refuse a folder, a device, a path under a file, the input itself (under any name) and,
+    without ``force``, any existing file."""
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give a file name, e.g. {out / src.stem}.safetensors")
     folder = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
@@ -55,6 +55,8 @@ def check_output(src: Path, out: Path, force: bool) -> None:
         raise ExportError(f"cannot write {out}: {folder} is a file, not a folder")
     if not out.exists() and not out.is_symlink():
         return
+    if out.exists() and not out.is_file():  # renaming over it would replace /dev/full itself
+        raise ExportError(f"{out} is not a regular file (a device, FIFO or socket); give a file")
     if src.exists() and out.exists() and os.path.samefile(src, out):
         how = "the same file" if src.resolve() == out.resolve() else "a hard link of it"
         raise ExportError(

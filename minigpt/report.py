@@ -484,6 +484,8 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder")
     existing = out / REPORT_FILE
+    if existing.exists() and not existing.is_file():
+        raise ReportError(f"{existing} is not a regular file; give another --out")
     if force or not existing.is_file():
         return
     with existing.open(encoding="utf-8", errors="replace") as f:

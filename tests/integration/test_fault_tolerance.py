@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -124,22 +125,39 @@ def test_interrupted_then_resumed_run_is_bit_identical(
 def _kill_when(
     argv: list[str], cwd: Path, ready: Callable[[], bool], env: dict[str, str] | None = None
 ) -> None:
-    """Start ``argv`` in its own session and SIGKILL all of it (torchrun's ranks included) once
-    ``ready()``: no handler runs, nothing is saved on the way out."""
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=clean_env(env), stdout=subprocess.DEVNULL, start_new_session=True
-    )
+    """Start ``argv`` and SIGKILL it and every process under it (torchrun's ranks included) once
+    ``ready()``: no handler runs, nothing is saved on the way out.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group
+    leaves the ranks running: they went on training in the folder while the test resumed it.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, env=clean_env(env), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:
         while not ready():
             assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
             assert time.monotonic() < deadline, "the moment to kill never came"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid``, from /proc (children first found, grandchildren after)."""
+    parents = {}
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(proc_stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(proc_stat.parent.name)] = ppid
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _kill_after(
@@ -330,7 +348,7 @@ SAVE_WRAPPER = textwrap.dedent(
     from pathlib import Path
     from minigpt import checkpoint
 
-    TARGET, MODE, MARKER = {target!r}, {mode!r}, {marker!r}
+    TARGET, MODE, MARKER, FULL = {target!r}, {mode!r}, {marker!r}, {full!r}
     original_save, original_replace = checkpoint.save, os.replace
 
     def paused_replace(src, dst):  # the temp file is written and fsynced, not yet renamed
@@ -343,8 +361,8 @@ SAVE_WRAPPER = textwrap.dedent(
         if not str(path).endswith(TARGET):
             return original_save(state, path)
         real_fdopen = os.fdopen
-        if MODE == "full":  # every write of this save goes to /dev/full: ENOSPC, as on a full disk
-            os.fdopen = lambda fd, mode: (os.close(fd), open("/dev/full", mode))[1]
+        if MODE == "full":  # every write of this save goes to a full device: ENOSPC
+            os.fdopen = lambda fd, mode: (os.close(fd), open(FULL, mode))[1]
         else:
             os.replace = paused_replace
         try:
@@ -359,10 +377,27 @@ SAVE_WRAPPER = textwrap.dedent(
 )
 
 
+def _full_device(folder: Path) -> str:
+    """A device like /dev/full (every write: ENOSPC) of the test's own, where root may make one:
+    a test that once clobbered /dev/full made every later run of this one pass for the wrong
+    reason."""
+    path = folder / "full"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except OSError:
+        path = Path("/dev/full")
+    assert path.is_char_device(), f"{path} is not the full device"
+    return str(path)
+
+
 def _save_wrapper(tmp_path: Path, target: str, mode: str) -> tuple[Path, Path]:
     wrapper, marker = tmp_path / f"save_{mode}.py", tmp_path / "in_save"
     text = SAVE_WRAPPER.format(
-        target=target, mode=mode, marker=str(marker), train=str(ROOT / "train.py")
+        target=target,
+        mode=mode,
+        marker=str(marker),
+        full=_full_device(tmp_path),
+        train=str(ROOT / "train.py"),
     )
     wrapper.write_text(text)
     return wrapper, marker

@@ -539,6 +539,17 @@ def test_export_refuses_a_hard_link_of_its_input(
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["best.pt", "last.pt", ckpt.name]
 
 
+def test_export_never_replaces_a_device_or_fifo_even_with_force(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Renaming over /dev/full would replace the device itself (seen once, by hand)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, err = _main(capsys, ckpt, fifo, "--force")
+    assert code == 2 and "is not a regular file" in err and len(err.splitlines()) == 1
+    assert fifo.is_fifo()
+
+
 def test_export_replaces_an_existing_file_only_with_force(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
