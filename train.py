@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float:
     except TrainingError as err:
         fail(str(err), 1)
     except StopRequested as stop:
+        # Stopping anyway, checkpoint written: a second Ctrl-C must not make it a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{stop}; run the same command again to resume", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
 

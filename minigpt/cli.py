@@ -30,6 +30,7 @@ from minigpt.tracking import JobInfo
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, distributed.LaunchError)
 EXIT_CTRL_C = 130  # the shell's 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head` leaves
 EXIT_USER_ERROR = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,11 +104,21 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except KeyboardInterrupt:
-        _exit("stopped by Ctrl-C; checkpoints written before it are intact", EXIT_CTRL_C)
+        _exit("stopped by Ctrl-C", EXIT_CTRL_C)
+    except BrokenPipeError:
+        # The reader went away (`generate.py ... | head`): stop quietly, as a pipeline's tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     except JobFailed as err:  # Hydra re-raises the first failure once every job has run
         _exit(f"a job of the sweep failed ({err}); the other jobs ran to their end", err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
-        _exit(one_line(err), EXIT_USER_ERROR)
+        message = one_line(err)
+        if any(word in message for word in ("LexerNoViableAlt", "mismatched input", "extraneous")):
+            message += (
+                "; a value holding spaces, brackets, commas, = or letters outside ASCII needs "
+                """Hydra quotes inside the shell's, e.g. 'data.paths=["my notes/é.txt"]'"""
+            )
+        _exit(message, EXIT_USER_ERROR)
     except Exception as err:
         if not type(err).__module__.startswith("submitit"):
             raise

@@ -8,6 +8,7 @@ raises :class:`ConfigError` with a one-line message that names the key and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,11 +302,24 @@ def to_object(cfg: DictConfig) -> Any:
     """Turn a composed DictConfig into its dataclass, mapping OmegaConf errors to ConfigError."""
     _refuse_unknown_keys(cfg, "")
     try:
-        return OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
+    _refuse_non_finite(obj, "")
+    return obj
+
+
+def _refuse_non_finite(obj: Any, prefix: str) -> None:
+    """inf and nan pass every ``>`` check (``optimizer.lr=inf`` trained a model of NaNs)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _refuse_non_finite(value, f"{prefix}{f.name}.")
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{prefix}{f.name}={value} must be a finite number")
 
 
 def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:

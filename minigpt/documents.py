@@ -55,6 +55,9 @@ def _resolve_paths(patterns: list[str]) -> list[Path]:
         # A file that exists under this very name is meant literally ("notes[1].txt").
         literal = os.path.isfile(expanded)
         matches = [expanded] if literal else sorted(glob.glob(expanded, recursive=True))
+        folder, name = os.path.split(expanded)
+        if not matches and os.path.isdir(folder):  # "runs [2]/*.txt": a folder's real name
+            matches = sorted(glob.glob(os.path.join(glob.escape(folder), name), recursive=True))
         found = [Path(m).resolve() for m in matches if os.path.isfile(m)]
         if not found:
             raise ConfigError(

@@ -86,7 +86,9 @@ class Job:
 
     @property
     def max_steps(self) -> int | None:
-        return self.info.get("config", {}).get("train", {}).get("max_steps")
+        train = self.info.get("config", {}).get("train")
+        steps = train.get("max_steps") if isinstance(train, dict) else None
+        return steps if isinstance(steps, int) else None
 
     @property
     def params(self) -> int | None:
@@ -166,9 +168,32 @@ def _is_run(path: Path) -> bool:
     return any((path / name).exists() for name in (RUN_FILE, METRICS_FILE, ".hydra"))
 
 
+# What run.json's keys hold; a value of another type (a hand-edited or foreign file) is ignored.
+_RUN_TYPES: dict[str, Any] = {
+    "status": str,
+    "steps": int,
+    "config": dict,
+    "params": int,
+    "best_val_loss": (int, float),
+    "final_val_loss": (int, float),
+    "tokens_seen": int,
+    "wall_time_s": (int, float),
+    "overrides": list,
+}
+
+
+def _typed(info: dict[str, Any]) -> dict[str, Any]:
+    def ok(key: str, value: Any) -> bool:
+        kind = _RUN_TYPES.get(key)
+        return kind is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+    return {k: v for k, v in info.items() if ok(k, v)}
+
+
 def _load_job(path: Path, label: str, submitted_overrides: list[str]) -> Job:
-    info = _read_json(path / RUN_FILE)
+    info = _typed(_read_json(path / RUN_FILE))
     overrides = info.get("overrides") or _hydra_overrides(path) or submitted_overrides
+    overrides = [str(o) for o in overrides]
     return Job(label, path, info, read_events(path / METRICS_FILE), filter_overrides(overrides))
 
 

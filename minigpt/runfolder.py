@@ -43,6 +43,23 @@ class Existing:
         return f"{status} at step {steps}" if steps is not None else status
 
 
+def check_layout(run_dir: Path) -> None:
+    """Refuse a folder where a run keeps a file (or a file where it keeps a folder): writing
+    there later would fail midway, after the run has already changed other files."""
+    folder = checkpoint.checkpoint_dir(run_dir)
+    expected = [(folder, True), (run_dir / RUN_FILE, False), (run_dir / METRICS_FILE, False)]
+    expected += [(folder / checkpoint.LAST, False), (folder / checkpoint.BEST, False)]
+    for path, is_folder in expected:
+        if path.exists() and path.is_dir() != is_folder:
+            what = "a folder" if is_folder else "a file"
+            raise RunFolderError(
+                f"{path} is not {what}, where a run keeps {what} of its own; move it out of "
+                "the way, or give this run its own hydra.run.dir"
+            )
+        if not is_folder and path.exists() and not path.is_file():
+            raise RunFolderError(f"{path} is not a regular file; move it out of the way")
+
+
 def existing_run(run_dir: Path) -> Existing:
     """What a previous run left in ``run_dir``."""
     folder = checkpoint.checkpoint_dir(run_dir)
@@ -72,6 +89,7 @@ def start_from(
     None for a fresh start. Never continues anything but a folder's newest checkpoint in it, and
     never starts afresh over a run that is there: both would overwrite what that run wrote.
     """
+    check_layout(run_dir)
     existing = existing_run(run_dir)
     if resume == "never":
         if existing:

@@ -129,6 +129,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory a model on ``device`` can use at most: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says an allocation failed (numpy, torch on CPU or on a GPU)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "DefaultCPUAllocator" in text or "can't allocate memory" in text
+    )
+
+
 def memory_metrics(device: torch.device) -> dict[str, float]:
     """Memory in GiB, for the trackers: the process's resident set, and on a GPU what PyTorch
     holds now and at its peak (the figure that decides whether a bigger batch fits)."""

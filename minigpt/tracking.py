@@ -100,10 +100,12 @@ def _truncate_after(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            event = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill mid-write
             continue
+        at = event.get("step", 0) if isinstance(event, dict) else None
+        if isinstance(at, int) and at <= step:  # anything else is not one of our events
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

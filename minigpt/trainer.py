@@ -90,6 +90,15 @@ def train(
         if err.errno not in OUT_OF_SPACE:
             raise
         raise TrainingError(_out_of_space(err, Path(run_dir))) from err
+    except (MemoryError, RuntimeError) as err:
+        if not runtime.is_out_of_memory(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"out of memory ({first[:200]}); lower train.batch_size (and raise train.grad_accum "
+            "to keep the global batch), use a smaller model, or set "
+            "model.grad_checkpointing=true; the last checkpoint, if any, is intact"
+        ) from None
     finally:
         if lock is not None:
             lock.release()
@@ -141,6 +150,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
+        _check_fits(gpt_cfg, self.device)
         self.model = GPT(gpt_cfg).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -562,12 +572,12 @@ class _WallClock:
     """Wall time over every attempt of a run: a resumed run adds on to what run.json said."""
 
     def __init__(self, run_json: Path, resumed: bool) -> None:
-        old: dict[str, Any] = {}
-        if resumed and run_json.exists():
-            with contextlib.suppress(ValueError):
-                old = json.loads(run_json.read_text(encoding="utf-8"))
-        self.started_at = old.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.before = float(old.get("wall_time_s") or 0.0)
+        old = runfolder.read_run_json(run_json.parent) if resumed else {}
+        started, before = old.get("started_at"), old.get("wall_time_s")
+        self.started_at = (
+            started if isinstance(started, str) else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        )
+        self.before = float(before) if isinstance(before, (int, float)) else 0.0
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
@@ -608,6 +618,19 @@ def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> No
         random.setstate((version, tuple(internal), gauss_next))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _check_fits(gpt_cfg: Any, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
+    alone exceed the device's memory, before allocating any of it."""
+    params = GPT.param_count_formula(gpt_cfg)
+    need, have = 16 * params, runtime.device_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"model.* describe {params / 1e6:,.1f}M parameters: about {need / 2**30:,.1f} GiB for "
+            f"weights, gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of "
+            f"{device.type}; use a smaller model (model.n_layer, model.d_model)"
+        )
 
 
 def _check_compiler(compile: bool, device: torch.device) -> None:

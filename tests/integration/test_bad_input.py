@@ -57,8 +57,13 @@ def test_bad_training_option_is_one_clear_line(
         ([], {"WORLD_SIZE": "0"}, ["WORLD_SIZE=0 must be >= 1"]),
         ([], {"RANK": "3", "WORLD_SIZE": "2"}, ["RANK=3 must be below WORLD_SIZE=2"]),
         (["train.compile=true"], {"CXX": "/nonexistent/g++"}, ["train.compile=true", "g++"]),
+        (["model.d_model=65536", "model.n_head=1"], {}, ["GiB for weights", "smaller model"]),
+        (["model.n_layer=1000000"], {}, ["M parameters", "more than the"]),
     ],
-    ids=["cuda", "seed_neg", "seed_big", "split_seed", "rank_x", "world_0", "rank_3of2", "cxx"],
+    ids=[
+        *("cuda", "seed_neg", "seed_big", "split_seed", "rank_x", "world_0", "rank_3of2", "cxx"),
+        *("too_wide", "too_deep"),
+    ],
 )
 def test_a_run_that_cannot_start_here_is_one_clear_line(
     overrides: list[str],

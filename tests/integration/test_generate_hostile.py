@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from minigpt.cli import quote_free_text
 from minigpt.config import ConfigError, GenerateConfig, register_configs, to_object
 from minigpt.model import GPT, GPTConfig
 from minigpt.trainer import TrainState
-from tests.conftest import ROOT, Result, run_entry
+from tests.conftest import ROOT, Result, clean_env, run_entry
 from tests.integration.test_bad_input import assert_one_line_error
 
 PATHS = ("checkpoint", "prompt_file")  # as generate.py quotes them
@@ -310,3 +312,20 @@ def test_bad_generate_input_is_one_line(
 def test_device_cuda_without_a_gpu_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
     result = run_entry("generate.py", f"checkpoint={checkpoint}", "device=cuda", cwd=tmp_path)
     assert_one_line_error(result, "device=cuda", "no CUDA GPU")
+
+
+def test_a_reader_that_goes_away_ends_generation_quietly(checkpoint: Path, tmp_path: Path) -> None:
+    """``generate.py ... | head -c 5``: the pipe closes, generation stops, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "generate.py"), f"checkpoint={checkpoint}", "device=cpu"]
+        + ["max_tokens=100000", "num_samples=50"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(5)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err[-2000:]

@@ -127,6 +127,20 @@ def test_raising_max_steps_continues_the_run(
     assert steps == sorted(set(steps)) and steps[-1] == 30
 
 
+def test_a_damaged_run_json_and_foreign_metrics_lines_do_not_stop_a_resume(
+    run_copy: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    corpus, run, cache = run_copy
+    (run / "run.json").write_text("[]")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('[1]\nnull\n"s"\n{"step": "x"}\n')
+    result = run_entry("train.py", *_args(corpus, run, cache, "train.max_steps=30"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["steps"] == 30
+    steps = [e["step"] for e in read_metrics(run) if "train/loss" in e]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
 def test_without_last_pt_the_run_resumes_from_its_newest_step_file(
     run_copy: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

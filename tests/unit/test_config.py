@@ -72,6 +72,12 @@ def test_vocab_size_is_filled_from_the_tokenizer() -> None:
         ("train.device=tpu", "train.device='tpu'"),
         ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
         ("train.dtype=fp8", "train.dtype='fp8'"),
+        ("optimizer.lr=inf", "optimizer.lr=inf must be a finite number"),
+        ("optimizer.weight_decay=nan", "optimizer.weight_decay=nan must be"),
+        ("optimizer.betas=[0.9,inf]", "optimizer.betas"),
+        ("optimizer.grad_clip=inf", "optimizer.grad_clip=inf must be a finite number"),
+        ("train.seed=-1", "train.seed=-1 must be in"),
+        ("data.split_seed=-1", "data.split_seed=-1 must be >= 0"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_key(override: str, message: str) -> None:

@@ -316,6 +316,14 @@ def test_a_file_whose_name_looks_like_a_glob_is_read_as_named(tmp_path) -> None:
     assert sources.source_files(globbed) == [tmp_path / "notes1.txt"]  # still a glob otherwise
 
 
+def test_a_folder_whose_name_looks_like_a_glob_is_searched_as_named(tmp_path) -> None:
+    folder = tmp_path / "my [c],x=1 d"
+    folder.mkdir()
+    (folder / "a.txt").write_text("in the bracketed folder\n")
+    cfg = DataConfig(source="text", paths=[f"{folder}/*.txt"], cache_dir=str(tmp_path / "c"))
+    assert sources.source_files(cfg) == [folder / "a.txt"]
+
+
 def test_a_path_that_matches_nothing_is_a_config_error_naming_it(tmp_path) -> None:
     cfg = DataConfig(source="text", paths=["missing/*.txt"], cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"data.paths entry 'missing/\*.txt' matches no file"):

@@ -181,6 +181,15 @@ def test_a_run_whose_process_was_killed_outright_is_dead_not_running(tmp_path: P
         dead.kill()
 
 
+def test_a_run_json_of_the_wrong_shape_is_read_as_far_as_it_makes_sense(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_job(run, overrides=["model=tiny"], steps=30)
+    (run / "run.json").write_text(json.dumps({"status": 5, "steps": "abc", "config": 1}))
+    (job,) = report.load_jobs(run)
+    assert (job.status, job.steps, job.max_steps) == ("dead", 30, None)  # metrics, no holder
+    assert report.table([job]).count("\n") == 2
+
+
 def test_metrics_reader_skips_a_cut_line_and_reads_nan(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train/loss": "nan"}\n{"step": 2, "tr')

@@ -195,3 +195,23 @@ def test_resume_notes_name_changed_options_and_data() -> None:
     assert notes[0] == "resuming with changed options: optimizer.lr: 0.001 -> 0.002"
     assert "was 2 files, 10 bytes" in notes[1] and "now 3 files, 15 bytes" in notes[1]
     assert change == {"from": state["data"], "to": data}
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda run: (run / "checkpoints/last.pt").mkdir(parents=True), "last.pt is not a file"),
+        (lambda run: (run / "checkpoints").write_text("mine"), "checkpoints is not a folder"),
+        (lambda run: (run / "run.json").mkdir(parents=True), "run.json is not a file"),
+        (lambda run: (run / "metrics.jsonl").mkdir(parents=True), "metrics.jsonl is not a file"),
+    ],
+    ids=["last_pt_folder", "checkpoints_file", "run_json_folder", "metrics_folder"],
+)
+def test_a_folder_where_a_run_keeps_a_file_is_refused_before_anything_changes(
+    tmp_path: Path, make, needle: str
+) -> None:
+    make(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(RunFolderError, match=needle):
+        runfolder.start_from("auto", tmp_path, print)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
