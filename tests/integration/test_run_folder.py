@@ -231,7 +231,8 @@ def test_a_second_process_on_a_live_run_folder_is_refused_and_ctrl_c_saves(
     assert stopped["status"] == "interrupted"
     steps = [e["step"] for e in read_metrics(run) if "train/loss" in e]
     assert steps == sorted(set(steps))  # one writer: no step twice, none interleaved
-    again = run_entry("train.py", *long_run[:-2], "train.max_steps=60", cwd=tmp_path)
+    more = f"train.max_steps={stopped['steps'] + 10}"
+    again = run_entry("train.py", *long_run[:-2], more, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"at step {stopped['steps']}" in again.stdout
 
