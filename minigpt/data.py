@@ -111,7 +111,20 @@ def load_corpus(cache_path: str | Path) -> Corpus:
         )
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise CacheDamaged(f"{type(err).__name__}: {err}") from err
+    for split, ids in (("train", train), ("val", val)):
+        _check_ids(split, ids, tokenizer.vocab_size)
     return Corpus(train=train, val=val, tokenizer=tokenizer, cache_path=path, meta=meta)
+
+
+def _check_ids(split: str, ids: np.ndarray, vocab_size: int) -> None:
+    """Every id must have a row in the embedding: a file of the right size but changed bytes
+    would otherwise fail deep in the model, or train on ids of nothing. One pass over the
+    file (about 1 s a GB from the page cache), read in chunks to stay small."""
+    chunk = 1 << 26
+    for start in range(0, len(ids), chunk):
+        top = int(ids[start : start + chunk].max())
+        if top >= vocab_size:
+            raise CacheDamaged(f"{split}.bin holds id {top}, the tokenizer has {vocab_size} ids")
 
 
 def _open_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:

@@ -154,6 +154,7 @@ def test_a_cache_published_meanwhile_by_another_process_is_kept(corpus_dir, tmp_
         ("val.bin", "byte"),
         ("meta.json:tokens", "byte"),  # valid JSON that no longer matches the files
         ("tokenizer.json:json", "bpe"),  # valid JSON around a broken BPE model
+        ("train.bin:ids", "byte"),  # the right size, but ids no tokenizer of 256 has
     ],
 )
 def test_a_damaged_cache_is_set_aside_and_rebuilt(
@@ -164,7 +165,9 @@ def test_a_damaged_cache_is_set_aside_and_rebuilt(
     train, val = np.array(good.train), np.array(good.val)  # copies: the memmaps see the damage
     name, _, key = damaged.partition(":")
     target = good.cache_path / name
-    if key:
+    if key == "ids":
+        target.write_bytes(b"\xff" * target.stat().st_size)
+    elif key:
         content = json.loads(target.read_text())
         content[key] = {"train": 3, "val": 1} if key == "tokens" else '{"model": 1'
         target.write_text(json.dumps(content))
