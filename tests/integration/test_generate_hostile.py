@@ -308,9 +308,15 @@ def test_bad_generate_input_is_one_line(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_device_cuda_without_a_gpu_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
-    result = run_entry("generate.py", f"checkpoint={checkpoint}", "device=cuda", cwd=tmp_path)
+    """Runs on a GPU machine too: CUDA_VISIBLE_DEVICES="" hides its GPUs from the process."""
+    result = run_entry(
+        "generate.py",
+        f"checkpoint={checkpoint}",
+        "device=cuda",
+        cwd=tmp_path,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert_one_line_error(result, "device=cuda", "no CUDA GPU")
 
 
