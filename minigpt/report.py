@@ -24,12 +24,12 @@ from typing import Any
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
-from minigpt import runlock
+from minigpt import runfolder, runlock
 from minigpt.cli import OneLineParser
 from minigpt.distributed import squeue
+from minigpt.runfolder import RUN_FILE
 from minigpt.tracking import METRICS_FILE
 
-RUN_FILE = "run.json"  # written by the trainer (minigpt.trainer.RUN_FILE)
 SUBMITTED_FILE = "submitted.json"  # written by the SLURM launcher when it does not wait
 REPORT_FILE = "report.md"
 LOSS_VS_STEP = "loss_vs_step.png"
@@ -191,7 +191,7 @@ def _typed(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_job(path: Path, label: str, submitted_overrides: list[str]) -> Job:
-    info = _typed(_read_json(path / RUN_FILE))
+    info = _typed(runfolder.read_run_json(path))
     overrides = info.get("overrides") or _hydra_overrides(path) or submitted_overrides
     overrides = [str(o) for o in overrides]
     return Job(label, path, info, read_events(path / METRICS_FILE), filter_overrides(overrides))
@@ -215,14 +215,6 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 def _number(value: Any) -> Any:
     # JsonlTracker writes non-finite floats as strings, which JSON has no literal for.
     return float(value) if value in ("nan", "inf", "-inf") else value
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:

@@ -21,9 +21,9 @@ from typing import Any
 from minigpt import checkpoint
 from minigpt.checkpoint import CheckpointError
 from minigpt.runlock import RunFolderError
+from minigpt.tracking import METRICS_FILE
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"  # what the trainer writes about a run
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from minigpt.sample import generate
 from minigpt.signals import StopRequested, StopSignals
 from minigpt.tracking import Console, JobInfo, build_tracker
 
-RUN_FILE = "run.json"
+RUN_FILE = runfolder.RUN_FILE
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the user's to fix
 
 
