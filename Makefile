@@ -1,0 +1,23 @@
+# Two commands set up everything and run: `make train` (the default run) and `make test` (the
+# suite). Each makes .venv first when it is missing or older than pyproject.toml; repeating them
+# reinstalls nothing. Extra arguments: make train ARGS="model=small train.max_steps=100".
+PYTHON ?= python3
+VENV ?= .venv
+ARGS ?=
+STAMP := $(VENV)/.minigpt-setup
+
+.PHONY: train test lint env
+train: $(STAMP)
+	$(VENV)/bin/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	PYTHON="$(PYTHON)" VENV="$(VENV)" scripts/setup_env.sh
+	touch $@
