@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from minigpt.filekinds import Sniffed, sniff_file
 
 FORMAT = "minigpt"
 VERSION = 1
@@ -138,15 +141,22 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     """Load a minigpt checkpoint with ``weights_only=True``; every failure is a CheckpointError."""
     path = Path(path)
     require_file(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+    found = sniff(path)
+    if found.kind == "blank":
+        raise _corrupted(path, found.what)
+    if found.kind in ("safetensors", "other"):
+        raise CheckpointError(f"{path} is not a minigpt checkpoint: it is {found.what}")
+    try:  # a file object: given a path ending .safetensors, torch.load would read it as one
+        with path.open("rb") as f:
+            state = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _unsafe_reason(err)
         if "operand" in reason:  # an opcode pickle does not know: random bytes, not a payload
             raise _corrupted(path, reason) from None
         raise CheckpointError(
-            f"checkpoint {path} was refused: it holds objects a minigpt checkpoint never has "
-            f"({reason}); nothing in it was run"
+            f"checkpoint {path} was refused: it is a torch file holding "
+            f"{_held_object(reason)}, which a minigpt checkpoint never has (a model saved whole, "
+            "or another program's file?); it was not unpickled, so nothing in it ran"
         ) from None
     except MemoryError:
         raise
@@ -155,7 +165,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         # KeyError, IndexError, struct.error...: whatever it is, the user's next step is the same.
         raise _corrupted(path, type(err).__name__) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a minigpt checkpoint")
+        raise CheckpointError(f"{path} is not a minigpt checkpoint: it is {_torch_file(state)}")
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {state.get('version')}, this minigpt reads "
@@ -164,12 +174,100 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     return state
 
 
-def require_file(path: Path) -> None:
-    """A checkpoint path must name a regular file: not a folder, a device or a dangling link."""
+def require_file(path: Path, key: str | None = None) -> None:
+    """A checkpoint path must name a regular file: not a folder, a device or a dangling link.
+
+    ``key`` (``checkpoint``, ``resume``) names the setting in the message and its suggestion.
+    """
+    named = f"{key}={path}" if key else f"checkpoint {path}"
+    if path.is_dir():
+        raise CheckpointError(describe_folder(path, key))
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        held = _checkpoint_names(path.parent) if path.parent.is_dir() else []
+        hint = f"; {path.parent} holds {', '.join(held)}" if held else ""
+        raise CheckpointError(f"{named} does not exist{hint}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file; give a checkpoint file")
+        raise CheckpointError(f"{named} is not a regular file; give a checkpoint file")
+
+
+# ---------------------------------------------------------------- what a path holds
+def describe_folder(folder: Path, key: str | None = None, prefer: str = BEST) -> str:
+    """Why a folder is not a checkpoint, and the file to give instead: for a run folder or its
+    checkpoints folder, the checkpoints it holds and the one to use (``prefer`` when there)."""
+    named = f"{key}={folder}" if key else f"checkpoint {folder}"
+    setting = f"{key}=" if key else ""
+    for what, where in (("a run folder", checkpoint_dir(folder)), ("a checkpoints folder", folder)):
+        pick = _pick(where, prefer)
+        if pick is not None:
+            held = ", ".join(_checkpoint_names(where))
+            return (
+                f"{named} is {what}; pass one of its checkpoints: {setting}{pick} "
+                f"({where.name}/ holds {held})"
+            )
+    subfolders = [p for p in folder.iterdir() if p.is_dir()]
+    runs = sorted((p for p in subfolders if p.name.isdigit()), key=lambda p: int(p.name))
+    runs += sorted((p for p in subfolders if not p.name.isdigit()), reverse=True)  # newest first
+    picks = ((run, _pick(checkpoint_dir(run), prefer)) for run in runs)
+    found = next(((run, pick) for run, pick in picks if pick is not None), None)
+    if found is not None:
+        what = "a sweep folder" if found[0].name.isdigit() else "a folder of runs"
+        return f"{named} is {what}; pass a checkpoint of one of its runs: {setting}{found[1]}"
+    if checkpoint_dir(folder).is_dir() or (folder / "run.json").is_file():
+        return f"{named} is a run folder that has saved no checkpoint yet; wait for its first save"
+    return f"{named} is a folder; give a checkpoint file (.pt) or a .safetensors export"
+
+
+def _pick(folder: Path, prefer: str) -> Path | None:
+    """The checkpoint of ``folder`` to suggest: ``prefer``, else best.pt or last.pt, else the
+    newest step file, else any model file."""
+    if not folder.is_dir():
+        return None
+    for name in (prefer, BEST, LAST):
+        if (folder / name).is_file():
+            return folder / name
+    steps = step_checkpoints(folder)
+    others = sorted(p for p in folder.glob("*") if p.suffix in (".pt", ".safetensors"))
+    return (steps or others or [None])[-1]
+
+
+def _checkpoint_names(folder: Path) -> list[str]:
+    """best.pt, last.pt and the step files in ``folder``, then its other model files."""
+    if not folder.is_dir():
+        return []
+    names = [n for n in (BEST, LAST) if (folder / n).is_file()]
+    steps = [p.name for p in step_checkpoints(folder)]
+    names += steps if len(steps) <= 2 else [f"{len(steps)} step files ({steps[0]} to {steps[-1]})"]
+    others = sorted(p.name for p in folder.glob("*") if p.suffix in (".pt", ".safetensors"))
+    return names + [n for n in others if n not in names and n not in steps]
+
+
+def sniff(path: Path) -> Sniffed:
+    """What the file at ``path`` seems to be (minigpt.filekinds); unreadable: CheckpointError."""
+    try:
+        return sniff_file(path)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
+
+
+def _torch_file(state: Any) -> str:
+    """What a torch file that is not ours holds."""
+    if isinstance(state, torch.Tensor):
+        return f"a torch file holding one tensor of shape {list(state.shape)}"
+    if not isinstance(state, dict):
+        return f"a torch file holding {type(state).__name__} data"
+    if "format" in state:
+        return f"a torch file of format {state['format']!r}, not {FORMAT!r}"
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        count = f"{len(state)} tensor{'s' if len(state) > 1 else ''}"
+        return f"a bare state dict ({count}), without the model config or tokenizer"
+    keys = [str(k) for k in state][:5]
+    more = ", ..." if len(state) > 5 else ""
+    return f"a torch file of another program (its keys: {', '.join(keys)}{more})"
+
+
+def _held_object(reason: str) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", reason)
+    return f"{found.group(1)} objects" if found else f"objects of other kinds ({reason})"
 
 
 def _corrupted(path: Path, reason: str) -> CheckpointError:

@@ -207,7 +207,9 @@ def read_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
             config, tok = check_model(where, model_config, tokenizer, shapes, dtypes)
             tensors = {k: f.get_tensor(k) for k in slices}
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{where} is not a readable safetensors file ({err})") from None
+        found = checkpoint.sniff(Path(path))
+        what = f"it is {found.what}" if found.kind in ("blank", "torch", "other") else err
+        raise CheckpointError(f"{where} is not a readable safetensors file ({what})") from None
     tensors[TIED] = tensors[EMBEDDING]
     state = {"model": tensors, "model_config": model_config, "tokenizer": tokenizer}
     return ModelFile(config, tok, tensors, state)
@@ -216,7 +218,10 @@ def read_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
 def _read_metadata(where: str, metadata: dict[str, str]) -> tuple[Any, Any]:
     """The model config and tokenizer state that an export carries as JSON strings."""
     if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{where} is not a minigpt safetensors export")
+        raise CheckpointError(
+            f"{where} is not a minigpt safetensors export: its metadata has format="
+            f"{metadata.get('format')!r}, not {SAFETENSORS_FORMAT!r} (another program's weights?)"
+        )
     values = []
     for key in ("model_config", "tokenizer"):
         if key not in metadata:
@@ -277,8 +282,19 @@ def _fsync(path: str) -> None:
 
 # ---------------------------------------------------------------- any format
 def read_model_file(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelFile:
-    """The checked model file at ``path``, whichever format its suffix names."""
-    if Path(path).suffix == ".safetensors":
+    """The checked model file at ``path``, whichever format its bytes (else its suffix) show.
+
+    A file of any other kind (text, an image, a plain pickle...) is refused by what it is.
+    """
+    path = Path(path)
+    checkpoint.require_file(path)
+    found = checkpoint.sniff(path)
+    if found.kind == "other":
+        raise CheckpointError(
+            f"{path} is not a model file: it is {found.what}; give a checkpoint (.pt) or a "
+            ".safetensors export"
+        )
+    if found.kind == "safetensors" or (found.kind != "torch" and path.suffix == ".safetensors"):
         return read_safetensors(path, device)
     return read_checkpoint(path, device)
 

@@ -280,11 +280,25 @@ def test_a_run_folder_as_checkpoint_is_one_line_naming_the_file(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     run_dir = checkpoint.parent.parent
-    result = run_entry("generate.py", f"checkpoint={run_dir}", cwd=tmp_path)
+    for given in (run_dir, checkpoint.parent):
+        result = run_entry("generate.py", f"checkpoint={given}", cwd=tmp_path)
+        what = "a run folder" if given == run_dir else "a checkpoints folder"
+        assert_one_line_error(
+            result,
+            f"error: checkpoint={given} is {what}; pass one of its checkpoints: "
+            f"checkpoint={run_dir}/checkpoints/last.pt (checkpoints/ holds last.pt)",
+        )
+
+
+@pytest.mark.slow
+def test_a_text_file_as_checkpoint_is_named_for_what_it_is(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.pt"
+    notes.write_text("TODO: train the model\n", encoding="utf-8")
+    result = run_entry("generate.py", f"checkpoint={notes}", cwd=tmp_path)
     assert_one_line_error(
         result,
-        f"checkpoint={run_dir} is a folder, not a checkpoint file "
-        f"(e.g. {run_dir}/checkpoints/last.pt)",
+        f"error: {notes} is not a model file: it is a text file (it starts 'TODO: train the "
+        "model'); give a checkpoint (.pt) or a .safetensors export",
     )
 
 
