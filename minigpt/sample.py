@@ -12,6 +12,7 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
+from minigpt import checkpoint
 from minigpt.config import ConfigError, GenerateConfig
 from minigpt.model import GPT, KVCache
 from minigpt.tokenizer import Tokenizer
@@ -30,23 +31,37 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw one token per row of `logits` [B, V]; returns a LongTensor [B].
+    """Draw one token per row of `logits` [B, V] from :func:`next_token_probs`; a LongTensor [B].
 
-    Filters apply in order: temperature, top-k, then top-p on what top-k left. A temperature
-    of 0 means greedy (the limit of the distribution as temperature falls to 0). `logits` is
-    not modified. Pass a `generator` to make draws reproducible without touching global RNG.
+    A temperature of 0 means greedy (the limit of the distribution as temperature falls to 0).
+    `logits` is not modified. Pass a `generator` to make draws reproducible without touching
+    global RNG.
     """
-    if not 0 <= temperature < float("inf"):  # also False for nan
-        raise ValueError(f"temperature={temperature} must be finite and >= 0")
     if temperature == 0:
         return greedy_next(logits)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """The distribution [B, V] that sampling draws from, each row renormalised to sum to 1.
+
+    Filters apply in order: temperature, top-k, then top-p on what top-k left (nucleus sampling
+    over the top-k tokens' renormalised probabilities, as Hugging Face's warpers chain them).
+    """
+    if not 0 < temperature < float("inf"):  # also False for nan
+        raise ValueError(f"temperature={temperature} must be finite and > 0 (0 means greedy)")
     logits = _divide_by_temperature(logits.float(), temperature)
     if top_k is not None:
         logits = _keep_top_k(logits, top_k)
     if top_p is not None:
         logits = _keep_top_p(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return F.softmax(logits, dim=-1)
 
 
 def _divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -73,12 +88,17 @@ def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches `top_p`.
 
     A token is dropped when the tokens ranked above it already hold `top_p` of the mass, so
-    the most likely token always survives, however small `top_p` is.
+    the token that crosses `top_p` is kept and so is the most likely one, however small `top_p`
+    is. The running sum is float64 where the device has it: in float32, summed over a 50k
+    vocabulary, it rounds up to 1.0 before the last tokens, so even top_p=1 dropped some.
     """
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    if top_p == 1.0:
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
+    exact = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    probs = F.softmax(sorted_logits.to(exact), dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs
     drop_sorted = mass_above >= top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -180,7 +200,8 @@ def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
     """``generate.py``: load the checkpoint, then print each sample, prompt first, as it is made."""
     out = out or sys.stdout
     device = _resolve_device(cfg.device)
-    _check_checkpoint_path(cfg.checkpoint)  # before the loader, which would call a folder missing
+    # Before the prompt is read: a folder given as the checkpoint is the likelier mistake.
+    checkpoint.require_file(Path(cfg.checkpoint), key="checkpoint")
     prompt = _read_prompt(cfg)
     model, tokenizer, _ = load_model(cfg.checkpoint, device)
     ids = tokenizer.encode(prompt)
@@ -235,18 +256,6 @@ def _stream(tokenizer: Tokenizer, ids: Iterable[int], out: TextIO) -> str:
         pieces.append(tokenizer.decode(held))
         out.write(pieces[-1])
     return "".join(pieces)
-
-
-def _check_checkpoint_path(checkpoint: str) -> None:
-    """Refuse a folder (a run folder, say) or a device by name, in one line."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        example = path / "last.pt" if (path / "last.pt").is_file() else path / "checkpoints/last.pt"
-        raise ConfigError(
-            f"checkpoint={checkpoint} is a folder, not a checkpoint file (e.g. {example})"
-        )
-    if path.exists() and not path.is_file():
-        raise ConfigError(f"checkpoint={checkpoint} is not a regular file; give a checkpoint file")
 
 
 def _read_prompt(cfg: GenerateConfig) -> str:
