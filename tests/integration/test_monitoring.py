@@ -181,8 +181,10 @@ def test_report_over_the_sweep_marks_the_failed_job_and_draws_the_plots(
     markdown = (sweep_dir / "report.md").read_text()
     assert "| 0 | `optimizer.lr=0.001` | completed | 10/10 |" in markdown
     assert "| 1 | `optimizer.lr=1e+30` | **failed** | 1/10 |" in markdown
-    for png in ("loss_vs_step.png", "loss_vs_tokens.png"):
+    for png in ("loss_vs_step.png", "lr_vs_step.png"):
         assert (sweep_dir / png).stat().st_size > 10_000
         assert f"]({png})" in markdown
     assert not (sweep_dir / "val_loss_vs_params.png").exists()  # one model size only
+    assert not (sweep_dir / "loss_vs_tokens.png").exists()  # the same tokens per step
+    assert "Loss vs tokens is not drawn: every job sees" in markdown
     assert "**failed**" in result.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from minigpt import report, runlock
+from minigpt import jobs, plots, report, runlock
 
 
 def write_job(
@@ -23,13 +23,19 @@ def write_job(
     steps: int = 40,
     loss_scale: float = 1.0,
     max_steps: int = 40,
+    tokens_per_step: int = 512,
+    lr: float | None = None,
+    warmup_steps: int = 20,
 ) -> None:
-    """A job folder as the trainer leaves it: run.json (unless status is None) and metrics."""
+    """A job folder as the trainer leaves it: run.json (unless status is None) and metrics
+    (with the learning rate, warming up linearly, when ``lr`` is given)."""
     folder.mkdir(parents=True)
     events = []
     for step in range(10, steps + 1, 10):
         event = {"step": step, "train/loss": loss_scale * 5 / step**0.5, "tokens_per_sec": 1e4}
-        event["tokens_seen"] = step * 512
+        event["tokens_seen"] = step * tokens_per_step
+        if lr is not None:
+            event["lr"] = lr * min(1.0, step / warmup_steps)
         if step % 20 == 0:
             event["val/loss"] = loss_scale * 5.5 / step**0.5
         events.append(event)
@@ -47,7 +53,7 @@ def write_job(
         "config": {"train": {"max_steps": max_steps}},
         "params": params,
         "steps": steps,
-        "tokens_seen": steps * 512,
+        "tokens_seen": steps * tokens_per_step,
         "best_val_loss": min((e["val/loss"] for e in events if "val/loss" in e), default=None),
         "wall_time_s": 83.0,
     }
@@ -83,7 +89,7 @@ def _rows(markdown: str) -> dict[str, list[str]]:
 def queue(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The SLURM queue the report sees: job 77_4 of the sweep is still waiting in it."""
     queued = {"77_4"}
-    monkeypatch.setattr(report, "slurm_queue", lambda ids: queued & set(ids))
+    monkeypatch.setattr(jobs, "slurm_queue", lambda ids: queued & set(ids))
     return queued
 
 
@@ -139,19 +145,87 @@ def test_without_squeue_statuses_are_as_the_folders_say(
 def test_plots_are_written_for_every_job_and_for_the_size_sweep(sweep: Path) -> None:
     _, written = report.write_report(sweep)
     names = sorted(p.name for p in written[1:])
-    assert names == sorted([report.LOSS_VS_STEP, report.LOSS_VS_TOKENS, report.VAL_LOSS_VS_PARAMS])
+    swept = "val_loss_vs_model_n_layer.png"
+    assert names == sorted([report.LOSS_VS_STEP, swept, report.VAL_LOSS_VS_PARAMS])
+    markdown = (sweep / "report.md").read_text()
     for path in written[1:]:
         height, width, _ = matplotlib.image.imread(path).shape
         assert width > 600 and height > 400
-        assert f"]({path.name})" in (sweep / "report.md").read_text()
+        assert f"]({path.name})" in markdown
+    assert "## Final and best val loss vs `model.n_layer`\n\n![" in markdown
 
 
-def test_no_size_plot_when_the_jobs_have_one_size(tmp_path: Path) -> None:
-    for i, lr in enumerate(("1e-3", "3e-3")):
-        write_job(tmp_path / str(i), overrides=[f"optimizer.lr={lr}"], params=70_000)
+def test_an_lr_sweep_gets_loss_vs_lr_and_lr_curves_and_one_loss_plot(tmp_path: Path) -> None:
+    root = tmp_path / "lr"
+    for i, lr in enumerate((1e-4, 1e-3, 1e-2)):
+        warmup = 1000 if lr == 1e-2 else 20  # stuck in warm-up: its lr never reaches 1e-2
+        write_job(
+            root / str(i),
+            overrides=[f"optimizer.lr={lr:g}", "train.max_steps=40"],
+            params=70_000,
+            loss_scale=1.0 - 0.1 * i,
+            lr=lr,
+            warmup_steps=warmup,
+        )
+    _, written = report.write_report(root)
+    assert [p.name for p in written] == [
+        report.REPORT_FILE,
+        report.LOSS_VS_STEP,
+        report.LR_VS_STEP,
+        "val_loss_vs_optimizer_lr.png",
+    ]
+    markdown = (root / "report.md").read_text()
+    assert "## Final and best val loss vs `optimizer.lr`" in markdown
+    assert "## Learning rate vs step" in markdown and "## Loss vs step" in markdown
+    assert (
+        "Loss vs tokens is not drawn: every job sees 512 tokens per step, so it would repeat "
+        "loss vs step (whose top axis counts the tokens)."
+    ) in markdown
+    for path in written[1:]:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert width > 600 and height > 400
+
+
+def test_the_loss_vs_value_plot_shows_each_jobs_final_loss_on_a_log_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    for i, lr in enumerate(("1e-4", "1e-3", "1e-2")):
+        write_job(tmp_path / str(i), overrides=[f"optimizer.lr={lr}"], loss_scale=1.0 - 0.1 * i)
+    read = report.load_jobs(tmp_path)
+    values = jobs.swept_numbers(read)
+    assert values == {"optimizer.lr": {"0": 1e-4, "1": 1e-3, "2": 1e-2}}
+    kept: list[plt.Figure] = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to look into it
+    plots.plot_val_loss_vs_swept(read, tmp_path, "optimizer.lr", values["optimizer.lr"])
+    (ax,) = kept[0].axes
+    assert ax.get_xscale() == "log"  # the values span 100x
+    (final,) = [line for line in ax.get_lines() if line.get_label().startswith("final")]
+    assert list(final.get_xdata()) == [1e-4, 1e-3, 1e-2]
+    assert list(final.get_ydata()) == pytest.approx([5.5 / 40**0.5 * k for k in (1, 0.9, 0.8)])
+    monkeypatch.undo()
+    plt.close(kept[0])
+
+
+def test_a_batch_size_sweep_draws_loss_vs_tokens_too(tmp_path: Path) -> None:
+    for i, batch in enumerate((8, 32)):
+        write_job(
+            tmp_path / str(i), overrides=[f"train.batch_size={batch}"], tokens_per_step=batch * 64
+        )
     _, written = report.write_report(tmp_path)
-    assert report.VAL_LOSS_VS_PARAMS not in {p.name for p in written}
-    assert (tmp_path / report.LOSS_VS_TOKENS).exists()
+    assert [p.name for p in written[1:]] == [
+        report.LOSS_VS_STEP,
+        report.LOSS_VS_TOKENS,
+        "val_loss_vs_train_batch_size.png",
+    ]
+    assert "Loss vs tokens is not drawn" not in (tmp_path / "report.md").read_text()
+
+
+def test_keys_that_are_not_numbers_or_not_swept_get_no_plot(tmp_path: Path) -> None:
+    write_job(tmp_path / "0", overrides=["model=tiny", "optimizer.lr=1e-3", "seed=1"])
+    write_job(tmp_path / "1", overrides=["model=small", "optimizer.lr=1e-3", "seed=2"])
+    assert jobs.swept_numbers(report.load_jobs(tmp_path)) == {"seed": {"0": 1.0, "1": 2.0}}
 
 
 def test_a_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
@@ -219,8 +293,8 @@ def test_report_out_creates_missing_folders_and_writes_only_report_files(sweep: 
     out = sweep.parent / "reports" / "size" / "v1"
     report.write_report(sweep, out)
     report.write_report(sweep, out)  # its own report.md is replaced without --force
-    drawn = {report.REPORT_FILE, report.LOSS_VS_STEP, report.LOSS_VS_TOKENS}
-    drawn.add(report.VAL_LOSS_VS_PARAMS)
+    drawn = {report.REPORT_FILE, report.LOSS_VS_STEP, report.VAL_LOSS_VS_PARAMS}
+    drawn.add("val_loss_vs_model_n_layer.png")
     assert {p.name for p in out.iterdir()} == drawn  # no temp folder left, nothing else written
     assert (out / report.REPORT_FILE).read_text().startswith(f"# Report: {sweep}")
 
@@ -266,7 +340,7 @@ def test_a_failed_report_leaves_no_half_written_file(
         (out / report.VAL_LOSS_VS_PARAMS).write_bytes(b"\x89PNG half")
         raise OSError(28, "No space left on device", str(out / report.VAL_LOSS_VS_PARAMS))
 
-    monkeypatch.setattr(report, "plot_val_loss_vs_params", disk_full)
+    monkeypatch.setattr(plots, "plot_val_loss_vs_params", disk_full)
     out = sweep.parent / "out"
     assert report.main([str(sweep), "--out", str(out)]) == 2
     assert "No space left on device" in _only_error_line(capsys.readouterr().err)
