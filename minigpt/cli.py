@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -18,14 +18,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from minigpt import distributed
 from minigpt.checkpoint import CheckpointError
-from minigpt.config import ConfigError
+from minigpt.config import ConfigError, unknown_key_message
 from minigpt.tracking import JobInfo
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, distributed.LaunchError)
@@ -112,7 +116,7 @@ def run_main(main: Callable[[], Any]) -> None:
     except JobFailed as err:  # Hydra re-raises the first failure once every job has run
         _exit(f"a job of the sweep failed ({err}); the other jobs ran to their end", err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
-        message = one_line(err)
+        message = _override_message(err) or one_line(err)
         if any(word in message for word in ("LexerNoViableAlt", "mismatched input", "extraneous")):
             message += (
                 "; a value holding spaces, brackets, commas, = or letters outside ASCII needs "
@@ -125,6 +129,34 @@ def run_main(main: Callable[[], Any]) -> None:
         # FailedJobError of a SLURM job, waited for by the launcher: its message holds the
         # job's whole traceback; the error line the job printed is the part worth showing.
         _exit(f"a SLURM job of the sweep failed: {_job_error(str(err))}", 1)
+
+
+def _override_message(err: BaseException) -> str | None:
+    """Our own line for the two mistakes a new user makes first: a mistyped key (Hydra advises
+    ``+key=value``, which would only be refused later) and a list written without brackets."""
+    cause, first = err.__cause__, str(err).splitlines()[0] if str(err) else ""
+    key, schema = getattr(cause, "full_key", None), getattr(cause, "object_type", None)
+    if not key:
+        return None
+    typed = re.match(r"Could not override '([^']+)'", first)
+    unknown = isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+    if typed and unknown and dataclasses.is_dataclass(schema):
+        return unknown_key_message(key, schema, typed.group(1))
+    given = re.match(r"Error merging override ([^=]+)=(.*)", first)
+    if given and isinstance(cause, ValidationError) and "is not a ListConfig" in str(cause):
+        example = _as_list(given.group(1), given.group(2))
+        return f"{key} is a list; write it in brackets, e.g. {example}"
+    return None
+
+
+def _as_list(key: str, value: str) -> str:
+    """``key=value`` as a one-item list, in the shell's quotes (and Hydra's, for text)."""
+    try:
+        float(value)
+        item = value
+    except ValueError:
+        item = '"' + value.strip("'\"").replace('"', '\\"') + '"'
+    return f"'{key}=[{item}]'"
 
 
 def _job_error(message: str) -> str:
@@ -154,36 +186,6 @@ def one_line(err: BaseException) -> str:
         else:
             parts.append(line.rstrip("."))
     return "; ".join(parts)
-
-
-class OutputFolderCheck(Callback):
-    """Refuse, in one line, an output folder that cannot be written, before Hydra makes it.
-
-    Hydra creates the run (or sweep) folder before any of our code runs, so a read-only or
-    mistyped ``hydra.run.dir`` would otherwise end in a traceback from inside Hydra.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check ``hydra.run.dir`` (the run folder of ``python train.py``)."""
-        _check_writable("hydra.run.dir", str(config.hydra.run.dir))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check ``hydra.sweep.dir`` (the folder of all the jobs of ``-m``)."""
-        _check_writable("hydra.sweep.dir", str(config.hydra.sweep.dir))
-
-
-def _check_writable(key: str, folder: str) -> None:
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        reason = err.strerror or str(err)
-        _exit(
-            f"{key}={folder} cannot be written ({reason}: {err.filename or folder}); "
-            f"give a folder you can write to, e.g. {key}=outputs/my_run",
-            EXIT_USER_ERROR,
-        )
 
 
 def follower_overrides(argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ raises :class:`ConfigError` with a one-line message that names the key and what 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,9 @@ def _divisor_near(n: int, k: int) -> int:
 
 DATA_SOURCES = ("stdlib", "text", "hub")
 TOKENIZERS = ("byte", "bpe", "gpt2")
+# The keys only one source reads: set for another, they would be ignored without a word
+# (data.paths=[...] without data=text trained on the stdlib corpus).
+SOURCE_KEYS = {"text": ("paths",), "hub": ("name", "config", "split", "text_column")}
 
 
 @dataclass
@@ -100,6 +104,7 @@ class DataConfig:
             self.cache_dir = "~/.cache/minigpt"
         _one_of("data.source", self.source, DATA_SOURCES)
         _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
+        self._refuse_keys_of_other_sources()
         _require(
             self.source != "text" or len(self.paths) > 0,
             "data.paths is empty; give files or globs, e.g. data.paths=[notes/*.txt]",
@@ -119,6 +124,17 @@ class DataConfig:
         )
         _require(self.num_proc >= 1, f"data.num_proc={self.num_proc} must be >= 1")
         _require(self.split_seed >= 0, f"data.split_seed={self.split_seed} must be >= 0")
+
+    def _refuse_keys_of_other_sources(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+        defaults["paths"] = []
+        for source, keys in SOURCE_KEYS.items():
+            for key in keys:
+                _require(
+                    self.source == source or getattr(self, key) == defaults[key],
+                    f"data.{key} is only read by data={source}, not by data={self.source}; "
+                    f"choose that source with data={source}, or drop data.{key}",
+                )
 
 
 OPTIMIZERS = ("adamw",)
@@ -293,7 +309,9 @@ def register_configs() -> None:
     """Store the schemas as ``base_<group>`` (extended by ``conf/<group>/*.yaml``) and the roots."""
     cs = ConfigStore.instance()
     for group, schema in GROUPS.items():
-        cs.store(group=group, name=f"base_{group}", node=schema)
+        # At the root, not in the group: a schema stored in group `model` would be an option of
+        # `model=` (a 10.8M default model). Each conf/<group>/*.yaml names it as `/base_<group>`.
+        cs.store(name=f"base_{group}", node=schema)
     cs.store(name="base_config", node=Config)
     cs.store(name="base_generate", node=GenerateConfig)
 
@@ -330,14 +348,28 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
         known = [f.name for f in dataclasses.fields(schema)]
         for key in node:
             if key not in known:
-                raise ConfigError(
-                    f"{prefix}{key} is not a key of {prefix.rstrip('.') or 'the config'}; "
-                    f"the keys are: {', '.join(known)}"
-                )
+                raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
     for key in node:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
             _refuse_unknown_keys(child, f"{prefix}{key}.")
+
+
+def unknown_key_message(full_key: str, schema: Any, typed: str | None = None) -> str:
+    """``train.max_step is not a key of train; did you mean train.max_steps? The keys are: ...``
+
+    ``full_key`` is the first unknown part of what the user ``typed`` (``trian`` of
+    ``trian.max_steps``); the suggestion keeps the rest of what was typed.
+    """
+    parent, _, key = full_key.rpartition(".")
+    known = [f.name for f in dataclasses.fields(schema)]
+    message = f"{full_key} is not a key of {parent or 'the config'}"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        return f"{message}; the keys are: {', '.join(known)}"
+    rest = (typed or full_key)[len(full_key) :]
+    suggestion = f"{parent}.{close[0]}" if parent else close[0]
+    return f"{message}; did you mean {suggestion}{rest}? The keys are: {', '.join(known)}"
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

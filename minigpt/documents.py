@@ -151,7 +151,7 @@ def empty_corpus_message(cfg: DataConfig) -> str:
         return f"data.paths={list(cfg.paths)} holds no text (every matched file is empty)"
     if cfg.source == "hub":
         return f"data.name={cfg.name} has no text in data.text_column={cfg.text_column!r}"
-    return "data.source=stdlib found no .py files in this Python's standard library"
+    return "data=stdlib found no .py files in this Python's standard library"
 
 
 def _load_hub(cfg: DataConfig) -> Dataset:
@@ -167,7 +167,7 @@ def _load_hub(cfg: DataConfig) -> Dataset:
         raise ConfigError(
             f"data.name={cfg.name} is not in the local Hugging Face cache and "
             f"{hf_constants.ENDPOINT} cannot be reached (no network?); "
-            "run once with network, or use data.source=text"
+            "run once with network, or train on local files: data=text 'data.paths=[notes/*.txt]'"
         ) from None
     except datasets.exceptions.DatasetNotFoundError:
         raise ConfigError(f"data.name={cfg.name} was not found on the Hugging Face Hub") from None

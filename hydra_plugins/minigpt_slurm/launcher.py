@@ -91,7 +91,7 @@ class MinigptSlurmLauncher(SlurmLauncher):
         resources = _resources(p)
         print(f"dry run: {len(job_overrides)} job(s) would be submitted, nothing was.")
         print(f"  each job: {resources}")
-        print(f"  sweep folder: {self.config.hydra.sweep.dir}")
+        print(f"  sweep folder: {self.config.hydra.sweep.dir} (a dry run leaves none)")
         returns = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             sweep_config = self.hydra_context.config_loader.load_sweep_config(

@@ -32,7 +32,7 @@ def assert_one_line_error(result, *needles: str) -> None:
         (["resume=/nonexistent/last.pt"], ["resume", "/nonexistent/last.pt"]),
         # Hydra's own errors, which it reports on several lines:
         (["train.max_steps=abc"], ["train.max_steps=abc", "could not be converted to Integer"]),
-        (["train.foo=1"], ["train.foo", "+train.foo=1"]),
+        (["train.foo=1"], ["train.foo is not a key of train; the keys are: max_steps"]),
         (["model=nosuch"], ["model/nosuch", "Available options in 'model':", "small, tiny"]),
         (["model.n_layer=[1"], ["[1", "override_grammar"]),
         # a key added with + that no schema knows would be silently ignored:
@@ -44,6 +44,68 @@ def test_bad_training_option_is_one_clear_line(
 ) -> None:
     args = tiny_train_args(alphabet_corpus, tmp_path / "run", tmp_path / "cache", *overrides)
     assert_one_line_error(run_entry("train.py", *args, cwd=tmp_path), *needles)
+
+
+TRAIN_KEYS = "max_steps, batch_size, grad_accum, eval_every, eval_steps, ckpt_every, log_every"
+
+
+@pytest.mark.parametrize(
+    ("script", "arg", "line"),
+    [
+        (
+            "train.py",
+            "train.max_step=5",
+            "error: train.max_step is not a key of train; did you mean train.max_steps? "
+            f"The keys are: {TRAIN_KEYS}, ",
+        ),
+        (
+            "train.py",
+            "trian.max_steps=5",
+            "error: trian is not a key of the config; did you mean train.max_steps? "
+            "The keys are: model, data, optimizer, train, cluster, logger, resume",
+        ),
+        (
+            "generate.py",
+            "tempreture=0.5",
+            "error: tempreture is not a key of the config; did you mean temperature? ",
+        ),
+        (
+            "train.py",
+            "data.paths=/no/such",
+            """error: data.paths is a list; write it in brackets, e.g. 'data.paths=["/no/such"]'""",
+        ),
+        (
+            "train.py",
+            "logger.tags=base",
+            """error: logger.tags is a list; write it in brackets, e.g. 'logger.tags=["base"]'""",
+        ),
+        (
+            "train.py",
+            "optimizer.betas=0.9",
+            "error: optimizer.betas is a list; write it in brackets, e.g. 'optimizer.betas=[0.9]'",
+        ),
+    ],
+)
+def test_a_mistyped_key_or_a_list_without_brackets_says_what_to_write(
+    script: str, arg: str, line: str, tmp_path: Path
+) -> None:
+    result = run_entry(script, arg, cwd=tmp_path, timeout=120)
+    assert_one_line_error(result)
+    assert result.returncode == 2
+    assert next(x for x in result.stderr.splitlines() if x.startswith("error:")).startswith(line)
+    assert "+" + arg not in result.stderr  # not Hydra's advice to append a key no schema has
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_hub_dataset_points_to_data_text(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["data=hub", "data.name=minigpt-tests/no-such-dataset", f"hydra.run.dir={run_dir}"]
+    args += [f"data.cache_dir={tmp_path / 'cache'}", "model=tiny", "train.device=cpu"]
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_entry("train.py", *args, cwd=tmp_path, env=env, timeout=120)
+    assert_one_line_error(result, "data.name=minigpt-tests/no-such-dataset", "data=text")
+    assert "data.source" not in result.stderr
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(

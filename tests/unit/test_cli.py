@@ -27,3 +27,16 @@ def test_interpolations_and_sweeps_are_left_to_hydra() -> None:
     typed = ["hydra.run.dir=out/${now:%H-%M}", "-m", "resume=a.pt,b.pt"]
     assert quote_paths(typed, PATHS) == typed
     assert quote_paths(["resume=a,b.pt"], PATHS) == ["resume='a,b.pt'"]
+
+
+@pytest.mark.parametrize("follower", [False, True], ids=["rank0", "follower"])
+def test_train_log_waits_for_its_first_line_and_followers_keep_stdout_logging(
+    follower: bool,
+) -> None:
+    """A refused run must leave no empty train.log behind; followers log to stdout only."""
+    overrides = ["hydra/job_logging=stdout"] if follower else []
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    handlers = cfg.hydra.job_logging.handlers
+    assert ("file" not in handlers) if follower else handlers.file.delay is True

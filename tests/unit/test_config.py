@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,80 @@ def test_a_failed_slurm_job_is_summed_up_by_its_error_line(message: str, expecte
     from minigpt import cli
 
     assert cli._job_error(message) == expected
+
+
+def test_schemas_are_not_options_of_their_groups() -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        options = {g: loader.get_group_options(g) for g in ("model", "data", "optimizer", "train")}
+        options |= {g: loader.get_group_options(g) for g in ("cluster", "logger")}
+    assert options["model"] == sorted(MODELS)
+    assert not [o for opts in options.values() for o in opts if o.startswith("base_")]
+    with pytest.raises(Exception, match="Could not find 'model/base_model'"):
+        compose_config("model=base_model")
+
+
+@pytest.mark.parametrize("override", ["model.n_layers=3", "data.path=[a]", "train.seeds=1"])
+def test_presets_stay_typed_by_their_schema(override: str) -> None:
+    from omegaconf import OmegaConf
+
+    from minigpt.config import GROUPS
+
+    cfg = compose_config("model=tiny", "data=text", "data.paths=[x]", "logger=[wandb,none]")
+    assert {g: OmegaConf.get_type(cfg[g]) for g in GROUPS} == GROUPS
+    with pytest.raises(Exception, match=f"Could not override '{override.split('=')[0]}'"):
+        compose_config(override)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.paths=[/etc/hostname]"],
+            "data.paths is only read by data=text, not by data=stdlib; "
+            "choose that source with data=text, or drop data.paths",
+        ),
+        (["data=hub", "data.name=a/b", "data.paths=[x]"], "data.paths is only read by data=text"),
+        (["data=text", "data.paths=[x]", "data.name=a/b"], "data.name is only read by data=hub"),
+        (["data.config=en"], "data.config is only read by data=hub, not by data=stdlib"),
+        (["data.split=test"], "data.split is only read by data=hub"),
+        (["data=text", "data.paths=[x]", "data.text_column=story"], "data.text_column is only"),
+    ],
+)
+def test_a_key_the_chosen_source_does_not_read_is_refused(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_object(compose_config(*overrides))
+
+
+def test_each_source_takes_its_own_keys() -> None:
+    hub = to_object(compose_config("data=hub", "data.name=a/b", "data.split=test")).data
+    assert (hub.source, hub.name, hub.split) == ("hub", "a/b", "test")
+    text = to_object(compose_config("data=text", "data.paths=[x]")).data
+    assert (text.source, text.paths) == ("text", ["x"])
+
+
+@pytest.mark.parametrize(
+    ("full_key", "typed", "message"),
+    [
+        (
+            "train.max_step",
+            None,
+            "train.max_step is not a key of train; did you mean train.max_steps? "
+            "The keys are: max_steps, batch_size,",
+        ),
+        ("trian", "trian.max_steps", "trian is not a key of the config; did you mean "),
+        ("train.zzz", None, "train.zzz is not a key of train; the keys are: max_steps,"),
+    ],
+)
+def test_an_unknown_key_names_the_closest_one(full_key: str, typed, message: str) -> None:
+    from minigpt.config import Config, TrainConfig, unknown_key_message
+
+    schema = Config if "." not in full_key else TrainConfig
+    assert unknown_key_message(full_key, schema, typed).startswith(message)
+    if typed:
+        assert "did you mean train.max_steps?" in unknown_key_message(full_key, schema, typed)

@@ -533,9 +533,13 @@ def test_an_empty_minigpt_cache_dir_counts_as_unset(monkeypatch) -> None:
     register_configs()
     conf = str(Path(__file__).resolve().parents[2] / "conf")
 
+    paths = {"stdlib": [], "text": ["data.paths=[x]"]}  # only data=text reads data.paths
+
     def cache_dir(data_group: str) -> str:
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"data={data_group}", "data.paths=[x]"])
+            cfg = compose(
+                config_name="config", overrides=[f"data={data_group}", *paths[data_group]]
+            )
         return to_object(cfg).data.cache_dir
 
     monkeypatch.setenv("MINIGPT_CACHE_DIR", "")
