@@ -48,3 +48,45 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Apply this step's learning rate to every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def warmup_warning(cfg: OptimizerConfig, max_steps: int) -> str | None:
+    """A warning when the run ends inside its warm-up: it never reaches ``optimizer.lr``, so
+    runs that differ only in ``optimizer.lr`` compare warm-up slopes, not learning rates.
+
+    The rule: warn when ``warmup_steps >= max_steps`` (nothing is scaled for the user).
+    """
+    if cfg.warmup_steps < max_steps:
+        return None
+    reached = lr_at(max_steps - 1, cfg, max_steps)
+    return (
+        f"warning: optimizer.warmup_steps={cfg.warmup_steps} >= train.max_steps={max_steps}: "
+        f"the learning rate only warms up, to {reached:.3g} at the last step (optimizer.lr="
+        f"{cfg.lr:g}), and never decays; lower optimizer.warmup_steps"
+    )
+
+
+SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps", "train.max_steps")
+
+
+def schedule_change(
+    step: int, before: tuple[OptimizerConfig, int], after: tuple[OptimizerConfig, int]
+) -> str | None:
+    """What a resume at ``step`` does to the learning rate, when the schedule's keys changed:
+    ``before``/``after`` are (optimizer config, train.max_steps) of the checkpoint and now.
+
+    Raising train.max_steps stretches the cosine, so the lr jumps back up at the resumed step.
+    """
+    values = [(cfg.lr, cfg.min_lr, cfg.warmup_steps, steps) for cfg, steps in (before, after)]
+    changed = [
+        f"{key} {old:g} -> {new:g}"
+        for key, old, new in zip(SCHEDULE_KEYS, *values, strict=True)
+        if old != new
+    ]
+    if not changed:
+        return None
+    was, now = lr_at(step, *before), lr_at(step, *after)
+    return (
+        f"the learning-rate schedule changed ({', '.join(changed)}): the lr at the resumed step "
+        f"{step} is {now:.3g}, where the checkpoint's schedule had {was:.3g}"
+    )

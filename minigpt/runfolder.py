@@ -10,6 +10,7 @@ folder at all is :mod:`minigpt.runlock`'s question.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigpt import checkpoint
+from minigpt import checkpoint, optim
 from minigpt.checkpoint import CheckpointError
+from minigpt.config import ConfigError, OptimizerConfig
 from minigpt.runlock import RunFolderError
 from minigpt.tracking import METRICS_FILE
 
@@ -149,9 +151,7 @@ def _explicit(
     path: Path, run_dir: Path, existing: Existing, say: Say, map_location: Any
 ) -> tuple[Path, dict[str, Any]]:
     if path.is_dir():
-        raise RunFolderError(
-            f"resume={path} is a folder; give a checkpoint file, e.g. {path}/checkpoints/last.pt"
-        )
+        raise RunFolderError(checkpoint.describe_folder(path, "resume", prefer=checkpoint.LAST))
     if not path.is_file():
         raise RunFolderError(f"resume={path}: no such checkpoint file; use auto, never or a path")
     state = checkpoint.load(path, map_location=map_location)
@@ -265,6 +265,9 @@ def resume_notes(
         shown = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
         notes.append(f"resuming with changed options: {shown}{more}")
+    schedule = _schedule_change(state, config)
+    if schedule:
+        notes.append(schedule)
     change = None
     before = state.get("data")
     if isinstance(before, dict) and before.get("key") != data.get("key"):
@@ -274,6 +277,22 @@ def resume_notes(
             f"{describe_data(data)}); the tokenizer is the same, so the run continues on it"
         )
     return notes, change
+
+
+def _schedule_change(state: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """What the options changed since the checkpoint do to the lr at the resumed step."""
+    try:
+        before = _schedule(state.get("config") or {})
+        after = _schedule(config)
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return None  # a checkpoint too old to say: the changed options are listed anyway
+    return optim.schedule_change(_step(state), before, after)
+
+
+def _schedule(config: dict[str, Any]) -> tuple[OptimizerConfig, int]:
+    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    values = {k: v for k, v in config["optimizer"].items() if k in known}
+    return OptimizerConfig(**values), int(config["train"]["max_steps"])
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

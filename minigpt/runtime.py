@@ -1,4 +1,4 @@
-"""Device facts the trainer needs: precision, autocast, the hardware's peak FLOP/s, versions."""
+"""Device facts the trainer needs: precision, autocast, memory, versions (peak FLOP/s: peak.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import os
 import platform
 import shutil
 import sys
-import time
 from importlib import metadata
+from typing import Any
 
 import torch
 
+from minigpt.config import ConfigError
+from minigpt.model import GPT
+
+# benchmarks/train_throughput.py reads the peak from here, where it used to live.
+from minigpt.peak import DATASHEET_PEAK, measure_matmul_flops, peak_flops  # noqa: F401
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
-DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L40S": 362e12}
-
 
 # /proc/cpuinfo flags of CPUs whose bf16 matmul beats fp32 (AMX tiles, AVX-512 BF16 dot products).
 FAST_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -93,42 +95,6 @@ def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContext
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """The FLOP/s that MFU is measured against, and where the figure came from.
-
-    GPUs known to us use the datasheet's dense peak; anything else is measured with a short
-    sustained matmul in ``dtype`` (about 0.1 s), which is the honest peak for a CPU.
-    """
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in DATASHEET_PEAK.items():
-            if key in name:
-                return (peak if dtype != torch.float32 else peak / 2), f"datasheet {key}"
-    return measure_matmul_flops(device, dtype), "measured matmul"
-
-
-def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.05
-) -> float:
-    """Sustained FLOP/s of an n×n matmul on ``device`` in ``dtype``, timed for ``seconds``."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, start = 0, time.perf_counter()
-    while reps < 5 or time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory a model on ``device`` can use at most: the GPU's, or the machine's RAM."""
     if device.type == "cuda":
@@ -195,3 +161,32 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
     return out
+
+
+def check_fits(gpt_cfg: Any, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
+    alone exceed the device's memory, before allocating any of it."""
+    params = GPT.param_count_formula(gpt_cfg)
+    need, have = 16 * params, device_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"model.* describe {params / 1e6:,.1f}M parameters: about {need / 2**30:,.1f} GiB for "
+            f"weights, gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of "
+            f"{device.type}; use a smaller model (model.n_layer, model.d_model)"
+        )
+
+
+def check_compiler(compile: bool, device: torch.device) -> None:
+    """Refuse train.compile=true where torch.compile cannot build kernels."""
+    missing = compiler_missing(device.type) if compile else None
+    if missing:
+        raise ConfigError(
+            f"train.compile=true needs a compiler for torch.compile and there is {missing}; "
+            "install one (apt-get install g++, or module load gcc) or set train.compile=false"
+        )
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse fp16 on CPU (autocast and GradScaler are for CUDA there)."""
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("train.dtype=float16 is for CUDA; on CPU use float32 or bfloat16")

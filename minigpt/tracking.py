@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl, W&B and TensorBoard behind one interface, plus the console.
+"""Where metrics go: metrics.jsonl, W&B and TensorBoard behind one interface (the console and
+train.log: console.py).
 
 Only rank 0 builds these (the trainer passes ``enabled=False`` elsewhere), so nothing here asks
 which rank it is on. Every tracker writes inside the run folder: ``metrics.jsonl``, ``wandb/``
@@ -11,12 +12,9 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-from tqdm import tqdm
 
 from minigpt.config import ConfigError, LoggerConfig
 
@@ -288,69 +286,3 @@ def build_tracker(
             )
         )
     return MultiTracker(trackers)
-
-
-class Console:
-    """Rank 0's terminal output: a progress bar on a terminal, plain log lines otherwise.
-
-    SLURM log files are not terminals, so they get readable lines instead of bar redraws.
-    """
-
-    def __init__(self, mode: str, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode if enabled else "off"
-        self._bar = None
-        self._postfix: dict[str, str] = {}
-        if self.mode == "bar":
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self._start = time.perf_counter()
-        self._total = total
-        self._initial = initial
-
-    def step(self, step: int, metrics: dict[str, Any]) -> None:
-        """Report progress after optimizer step ``step`` (1-based count of steps done)."""
-        if self._bar is not None:
-            # The bar's own ETA comes from the steps done since ``initial``; the postfix keeps the
-            # last val loss shown between evaluations.
-            self._postfix |= _short(metrics)
-            self._bar.n = step
-            self._bar.set_postfix(self._postfix, refresh=True)
-        elif self.mode == "lines" and metrics:
-            print(
-                f"step {step}/{self._total} | {_line(metrics)} | eta {self._eta(step)}", flush=True
-            )
-
-    def print(self, message: str) -> None:
-        """A line that must not tear the progress bar."""
-        if self._bar is not None:
-            self._bar.write(message)
-        elif self.mode != "off":
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-    def _eta(self, step: int) -> str:
-        done = step - self._initial
-        if done <= 0:
-            return "?"
-        remaining = (time.perf_counter() - self._start) / done * (self._total - step)
-        return time.strftime("%H:%M:%S", time.gmtime(remaining))
-
-
-def _short(metrics: dict[str, Any]) -> dict[str, str]:
-    keys = {"train/loss": "loss", "val/loss": "val", "tokens_per_sec": "tok/s"}
-    return {short: _fmt(metrics[k]) for k, short in keys.items() if k in metrics}
-
-
-def _line(metrics: dict[str, Any]) -> str:
-    return " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import random
@@ -23,16 +22,17 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt import checkpoint, distributed, runfolder, runlock, runtime
+from minigpt import checkpoint, distributed, peak, preview, runfolder, runlock, runtime
 from minigpt.batches import BatchSampler, eval_batches
 from minigpt.config import Config, ConfigError, as_dict
+from minigpt.console import LOG_FILE, Console, Outcome, RunLog, error_line, start_line, summary
 from minigpt.data import Corpus, prepare_corpus
 from minigpt.distributed import Dist
 from minigpt.model import GPT
-from minigpt.optim import build_optimizer, lr_at, set_lr
-from minigpt.sample import generate
+from minigpt.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from minigpt.runrecord import Throughput, WallClock, Window, finite_or_none, write_json
 from minigpt.signals import StopRequested, StopSignals
-from minigpt.tracking import Console, JobInfo, build_tracker
+from minigpt.tracking import JobInfo, build_tracker
 
 RUN_FILE = runfolder.RUN_FILE
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the user's to fix
@@ -70,13 +70,17 @@ def train(
     """
     dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
     stop = StopSignals().install()
-    lock = None
+    lock, log = None, RunLog(None)
     try:
         # Every rank must use rank 0's folder: their own Hydra may have picked another timestamp.
         run_dir = Path(distributed.broadcast_object(str(Path(run_dir).resolve()), dist))
         lock = _hold(run_dir, dist)
-        trainer = Trainer(cfg, run_dir, dist, overrides or [], job, stop, record or {})
+        log = RunLog(run_dir / LOG_FILE if dist.is_main else None)
+        trainer = Trainer(cfg, run_dir, dist, overrides or [], job, stop, record or {}, log)
         return trainer.fit()
+    except TrainingError as err:
+        log.write(f"error: {err}")  # the line train.py prints, kept with the run
+        raise
     except StopRequested as request:
         request.__traceback__ = None  # its frames hold the Trainer: let teardown free DDP first
         distributed.teardown(dist)
@@ -89,21 +93,30 @@ def train(
     except OSError as err:
         if err.errno not in OUT_OF_SPACE:
             raise
-        raise TrainingError(_out_of_space(err, Path(run_dir))) from err
+        raise _logged(TrainingError(_out_of_space(err, Path(run_dir))), log) from err
     except (MemoryError, RuntimeError) as err:
         if not runtime.is_out_of_memory(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(
-            f"out of memory ({first[:200]}); lower train.batch_size (and raise train.grad_accum "
-            "to keep the global batch), use a smaller model, or set "
-            "model.grad_checkpointing=true; the last checkpoint, if any, is intact"
+        raise _logged(
+            TrainingError(
+                f"out of memory ({first[:200]}); lower train.batch_size (and raise "
+                "train.grad_accum to keep the global batch), use a smaller model, or set "
+                "model.grad_checkpointing=true; the last checkpoint, if any, is intact"
+            ),
+            log,
         ) from None
     finally:
+        log.close()
         if lock is not None:
             lock.release()
         stop.uninstall()
         distributed.teardown(dist)
+
+
+def _logged(err: TrainingError, log: RunLog) -> TrainingError:
+    log.write(f"error: {err}")
+    return err
 
 
 def _hold(run_dir: Path, dist: Dist) -> runlock.RunLock | None:
@@ -133,11 +146,14 @@ class Trainer:
         job: JobInfo | None = None,
         stop: StopSignals | None = None,
         record: dict[str, str] | None = None,
+        log: RunLog | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.dist, self.overrides = cfg, run_dir, dist, overrides
         self.stop = stop or StopSignals()
         self.record = record or {}
+        self.log = log or RunLog(None)  # train.log: opened once the run starts writing
         self.notes: list[str] = []  # what a resume found changed, for the console and run.json
+        self.warnings = [w for w in [warmup_warning(cfg.optimizer, cfg.train.max_steps)] if w]
         self.data_change: dict[str, Any] | None = None
         self._saved_step = -1
         self.job = job or JobInfo()
@@ -145,12 +161,12 @@ class Trainer:
         self.startup_s: float | None = None
         self.device = torch.device(dist.device)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
-        _check_dtype(self.dtype, self.device)
-        _check_compiler(cfg.train.compile, self.device)
+        runtime.check_dtype(self.dtype, self.device)
+        runtime.check_compiler(cfg.train.compile, self.device)
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
-        _check_fits(gpt_cfg, self.device)
+        runtime.check_fits(gpt_cfg, self.device)
         self.model = GPT(gpt_cfg).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -161,11 +177,12 @@ class Trainer:
         self.val_batches = eval_batches(
             self.corpus.val, gpt_cfg.block_size, cfg.train.batch_size, cfg.train.eval_steps
         )
+        self.prompt = preview.val_prompt(self.corpus.val, self.corpus.tokenizer, gpt_cfg.block_size)
         self.state = TrainState()
         self.resumed_from = self._maybe_resume()
         self.step_model = self._wrap(self.model)
         self.flops_per_token = self.model.flops_per_token()
-        self.peak_flops, self.peak_source = runtime.peak_flops(self.device, self.dtype)
+        self.peak_flops, self.peak_source = self._peak()
         if self.resumed_from is not None:  # last: set-up above draws random numbers too
             _set_rng_state(self._resume_rng, self.dist.rank, self.device)
 
@@ -179,6 +196,14 @@ class Trainer:
         if not self.dist.is_main:
             corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens)
         return corpus
+
+    def _peak(self) -> tuple[float, str]:
+        """Rank 0 measures the peak (or reads it from the cache) and tells the other ranks:
+        ranks measuring at once on one CPU would each see a share of it."""
+        found = None
+        if self.dist.is_main:
+            found = peak.peak_flops(self.device, self.dtype, self.cfg.data.cache_dir)
+        return distributed.broadcast_object(found, self.dist)
 
     def _wrap(self, model: GPT) -> torch.nn.Module:
         wrapped: torch.nn.Module = model
@@ -209,8 +234,6 @@ class Trainer:
         self.notes, self.data_change = runfolder.resume_notes(
             ckpt, as_dict(self.cfg), runfolder.data_summary(self.corpus.meta)
         )
-        for note in self.notes:
-            self._say(note)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -239,6 +262,7 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.dist.is_main:
             print(message, flush=True)
+            self.log.write(message)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> float:
@@ -257,21 +281,22 @@ class Trainer:
             run_id=self.logger_run_id,
         )
         self.logger_run_id = tracker.run_id or self.logger_run_id
-        self.clock = _WallClock(self.run_dir / RUN_FILE, resumed=self.resumed_from is not None)
-        console = Console(cfg.progress, cfg.max_steps, self.state.step, enabled=main)
-        if main:
-            for tmp in checkpoint.remove_leftovers(checkpoint.checkpoint_dir(self.run_dir)):
-                console.print(f"removed {tmp.name}, left by a save that was killed")
+        resumed = self.resumed_from is not None
+        self.clock = WallClock(self.run_dir, resumed)
+        self.throughput = Throughput(self.run_dir, resumed)
+        self.log.open()
+        console = Console(cfg.progress, cfg.max_steps, self.state.step, main, self.log)
+        self._announce(console)
         self._write_run_json("running")
-        if self.resumed_from:
-            console.print(f"resumed from {self.resumed_from} at step {self.state.step}")
-        val_loss, status = math.nan, "failed"
+        val_loss, status, reason = math.nan, "failed", ""
         try:
             val_loss = self._loop(tracker, console)
             status = "completed"
         except StopRequested as request:
-            status = "interrupted"
-            console.print(f"{request}: checkpoint saved; the job resumes from it when restarted")
+            status, reason = "interrupted", str(request)
+            raise
+        except BaseException as err:
+            reason = error_line(err)
             raise
         finally:
             console.close()
@@ -282,11 +307,46 @@ class Trainer:
                 if status != "failed":
                     raise
                 # The disk that just failed us (full, over quota) must not hide the first error.
+            for line in summary(self._outcome(status, val_loss, reason)):
+                console.print(line)
         return val_loss
+
+    def _announce(self, console: Console) -> None:
+        """The start line, then what the run found and what it warns about (rank 0)."""
+        if not self.dist.is_main:
+            return
+        cfg = self.cfg
+        what = (
+            f"model={cfg.model.name} ({self.model.num_params() / 1e6:.2f}M parameters) on "
+            f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
+        )
+        if self.dist.world_size > 1:
+            what += f" x {self.dist.world_size} ranks"
+        step, steps = self.state.step, cfg.train.max_steps
+        console.print(start_line(self.run_dir, what, self.resumed_from, step, steps))
+        for tmp in checkpoint.remove_leftovers(checkpoint.checkpoint_dir(self.run_dir)):
+            console.print(f"removed {tmp.name}, left by a save that was killed")
+        for line in [*self.notes, *self.warnings]:
+            console.print(line)
+
+    def _outcome(self, status: str, val_loss: float, reason: str) -> Outcome:
+        return Outcome(
+            status=status,
+            step=self.state.step,
+            max_steps=self.cfg.train.max_steps,
+            run_dir=self.run_dir,
+            wall_time_s=self.clock.seconds(),
+            final_val_loss=val_loss if math.isfinite(val_loss) else None,
+            best_val_loss=finite_or_none(self.state.best_val_loss),
+            tokens_seen=self.state.tokens_seen,
+            tokens_per_sec=self.throughput.mean("tokens_per_sec"),
+            mfu=self.throughput.mean("mfu"),
+            reason=reason,
+        )
 
     def _loop(self, tracker: Any, console: Console) -> float:
         cfg = self.cfg.train
-        window = _Window(self.device)
+        window = Window(self.device)
         val_loss = math.nan
         self.startup_s = runtime.seconds_since_launch()
         while self.state.step < cfg.max_steps:
@@ -386,9 +446,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _train_metrics(self, window: _Window, grad_norm: float, lr: float) -> dict[str, Any]:
+    def _train_metrics(self, window: Window, grad_norm: float, lr: float) -> dict[str, Any]:
         loss, tokens_per_sec, seconds_per_step = window.flush(self.dist)
-        return {
+        metrics = {
             "train/loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -399,6 +459,8 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             **runtime.memory_metrics(self.device),
         }
+        self.throughput.add(metrics)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -426,7 +488,8 @@ class Trainer:
             val_loss = float(recorded)
         else:
             val_loss = self.evaluate()
-            self.clock = _WallClock(self.run_dir / RUN_FILE, resumed=True)
+            self.clock = WallClock(self.run_dir, resumed=True)
+            self.throughput = Throughput(self.run_dir, resumed=True)
             self._write_run_json("completed", final_val_loss=val_loss)
         self._say(
             f"the run in {self.run_dir} is complete: step {self.state.step}/"
@@ -486,16 +549,8 @@ class Trainer:
     def _show_sample(self, tracker: Any, console: Console, echo: bool = True) -> None:
         if not self.dist.is_main:
             return
-        tok = self.corpus.tokenizer
-        prompt = torch.tensor([tok.encode("def ")], device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
-        ids = [
-            int(t[0])
-            for t in generate(self.model, prompt, 120, temperature=0.8, top_k=40, generator=gen)
-        ]
-        torch.set_rng_state(rng)
-        text = "def " + tok.decode(ids)
+        tok, seed = self.corpus.tokenizer, self.cfg.train.seed
+        text = preview.sample_text(self.model, tok, self.prompt, seed, self.device)
         tracker.log(self.state.step, {"sample": text})
         if echo:
             console.print(f"--- sample at step {self.state.step} ---\n{text}\n---")
@@ -512,6 +567,8 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops,
             "peak_flops_source": self.peak_source,
+            **self.throughput.record(),  # mfu and tokens_per_sec: mean and last
+            "warnings": self.warnings,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "world_size": self.dist.world_size,
@@ -524,64 +581,15 @@ class Trainer:
             "versions": runtime.versions(),
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
-            "best_val_loss": _finite_or_none(self.state.best_val_loss),
+            "best_val_loss": finite_or_none(self.state.best_val_loss),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "started_at": self.clock.started_at,
             "wall_time_s": self.clock.seconds(),
             "startup_s": self.startup_s,  # launch to the first step (seconds)
             "logger_run_id": self.logger_run_id,
-            **{k: _finite_or_none(v) for k, v in extra.items()},
+            **extra,
         }
-        path = self.run_dir / RUN_FILE
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        try:
-            tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()  # left only when the write failed (a full disk)
-
-
-class _Window:
-    """Loss and throughput since the last log line, read with one host sync per log line."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.loss = torch.zeros((), device=device)
-        self.steps = self.tokens = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.loss += loss
-        self.steps += 1
-        self.tokens += tokens
-
-    def flush(self, dist: Dist) -> tuple[float, float, float]:
-        mean = distributed.all_reduce_mean(self.loss / max(1, self.steps), dist)
-        loss = float(mean)  # the one sync of the window
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = (loss, self.tokens / elapsed, elapsed / max(1, self.steps))
-        self.loss = torch.zeros((), device=self.device)
-        self.steps = self.tokens = 0
-        self.start = time.perf_counter()
-        return out
-
-
-class _WallClock:
-    """Wall time over every attempt of a run: a resumed run adds on to what run.json said."""
-
-    def __init__(self, run_json: Path, resumed: bool) -> None:
-        old = runfolder.read_run_json(run_json.parent) if resumed else {}
-        started, before = old.get("started_at"), old.get("wall_time_s")
-        self.started_at = (
-            started if isinstance(started, str) else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        )
-        self.before = float(before) if isinstance(before, (int, float)) else 0.0
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return round(self.before + time.perf_counter() - self.start, 1)
+        write_json(self.run_dir / RUN_FILE, info)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -620,41 +628,8 @@ def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> No
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _check_fits(gpt_cfg: Any, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
-    alone exceed the device's memory, before allocating any of it."""
-    params = GPT.param_count_formula(gpt_cfg)
-    need, have = 16 * params, runtime.device_memory(device)
-    if have is not None and need > have:
-        raise ConfigError(
-            f"model.* describe {params / 1e6:,.1f}M parameters: about {need / 2**30:,.1f} GiB for "
-            f"weights, gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of "
-            f"{device.type}; use a smaller model (model.n_layer, model.d_model)"
-        )
-
-
-def _check_compiler(compile: bool, device: torch.device) -> None:
-    missing = runtime.compiler_missing(device.type) if compile else None
-    if missing:
-        raise ConfigError(
-            f"train.compile=true needs a compiler for torch.compile and there is {missing}; "
-            "install one (apt-get install g++, or module load gcc) or set train.compile=false"
-        )
-
-
-def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("train.dtype=float16 is for CUDA; on CPU use float32 or bfloat16")
-
-
 def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _out_of_space(err: OSError, run_dir: Path) -> str:

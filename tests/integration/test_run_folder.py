@@ -86,7 +86,10 @@ def run_copy(finished: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, P
         (["model.d_model=32", "model.n_head=2"], ["model.d_model=64 -> 32"]),
         (["train.max_steps=10"], ["train.max_steps=10 is below step 20"]),
         (["resume=RUN/checkpoints/step_0000010.pt"], ["went on to step 20", "steps 11-20"]),
-        (["resume=RUN/checkpoints"], ["is a folder"]),
+        (
+            ["resume=RUN/checkpoints"],
+            ["is a checkpoints folder; pass one of its checkpoints: resume=", "last.pt"],
+        ),
     ],
     ids=["resume_never", "deeper", "wider", "fewer_steps", "rewind", "resume_folder"],
 )
@@ -261,4 +264,4 @@ def test_a_run_folder_on_a_full_disk_is_one_line_and_leaves_no_temp_file(
     corpus, run = _corpus(tmp_path / "corpus"), full_disk / "run"
     result = run_entry("train.py", *_args(corpus, run, tmp_path / "cache"), cwd=tmp_path)
     assert_one_line_error(result, "No space left on device", f"into {run}")
-    assert sorted(p.name for p in run.iterdir()) == ["train.log"]  # no lock, no temp file
+    assert not run.exists()  # no lock, no temp file, and the empty folder it made taken back

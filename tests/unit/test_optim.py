@@ -8,7 +8,7 @@ import pytest
 
 from minigpt.config import OptimizerConfig
 from minigpt.model import GPT, GPTConfig
-from minigpt.optim import build_optimizer, lr_at
+from minigpt.optim import build_optimizer, lr_at, schedule_change, warmup_warning
 
 
 @pytest.fixture
@@ -48,3 +48,31 @@ def test_weight_decay_applies_to_matrices_only() -> None:
     n_grouped = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_grouped == sum(p.numel() for p in model.parameters())
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(("warmup", "max_steps"), [(100, 60), (60, 60)])
+def test_a_run_that_ends_in_its_warmup_is_warned_naming_both_keys_and_the_lr_reached(
+    warmup: int, max_steps: int
+) -> None:
+    cfg = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup)
+    warning = warmup_warning(cfg, max_steps)
+    assert warning is not None and warning.startswith("warning: ")
+    assert f"optimizer.warmup_steps={warmup}" in warning
+    assert f"train.max_steps={max_steps}" in warning
+    assert f"to {lr_at(max_steps - 1, cfg, max_steps):.3g} at the last step" in warning
+
+
+def test_a_run_that_gets_past_its_warmup_is_not_warned(opt_cfg: OptimizerConfig) -> None:
+    assert warmup_warning(opt_cfg, 11) is None
+    assert warmup_warning(OptimizerConfig(warmup_steps=0), 1) is None
+
+
+def test_raising_max_steps_at_resume_names_the_lr_before_and_after(
+    opt_cfg: OptimizerConfig,
+) -> None:
+    note = schedule_change(60, (opt_cfg, 60), (opt_cfg, 200))
+    assert note is not None and "train.max_steps 60 -> 200" in note
+    before, after = lr_at(60, opt_cfg, 60), lr_at(60, opt_cfg, 200)
+    assert before == pytest.approx(1e-4) and after > 8e-4
+    assert f"is {after:.3g}, where the checkpoint's schedule had {before:.3g}" in note
+    assert schedule_change(60, (opt_cfg, 200), (opt_cfg, 200)) is None

@@ -170,8 +170,10 @@ def test_resume_path_may_not_rewind_or_mix_runs(tmp_path: Path) -> None:
     with pytest.raises(RunFolderError, match="already holds a run"):
         runfolder.start_from(str(foreign), run, print)
     assert runfolder.start_from(str(foreign), tmp_path / "new", print)[0] == foreign
-    with pytest.raises(RunFolderError, match="is a folder"):
+    with pytest.raises(RunFolderError, match=r"is a run folder; pass one of its checkpoints: "):
         runfolder.start_from(str(run), tmp_path / "new", print)
+    with pytest.raises(RunFolderError, match=r"resume=.*checkpoints/last\.pt \(checkpoints/ hold"):
+        runfolder.start_from(str(run / "checkpoints"), tmp_path / "new", print)
 
 
 def test_a_checkpoint_of_another_shape_or_tokenizer_cannot_be_continued() -> None:
@@ -195,6 +197,18 @@ def test_resume_notes_name_changed_options_and_data() -> None:
     assert notes[0] == "resuming with changed options: optimizer.lr: 0.001 -> 0.002"
     assert "was 2 files, 10 bytes" in notes[1] and "now 3 files, 15 bytes" in notes[1]
     assert change == {"from": state["data"], "to": data}
+
+
+def test_resume_notes_say_how_raising_max_steps_moves_the_lr() -> None:
+    optimizer = {"lr": 5e-4, "min_lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.1}
+    old = {"optimizer": optimizer, "train": {"max_steps": 60}}
+    state = {"config": old, "train_state": {"step": 60}}
+    notes, _ = runfolder.resume_notes(state, {**old, "train": {"max_steps": 200}}, {})
+    assert "train.max_steps: 60 -> 200" in notes[0]
+    assert notes[1] == (
+        "the learning-rate schedule changed (train.max_steps 60 -> 200): the lr at the resumed "
+        "step 60 is 0.000435, where the checkpoint's schedule had 0.0001"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Trackers: the logger group, metrics.jsonl, W&B offline, TensorBoard, job naming, the console."""
+"""Trackers: the logger group, metrics.jsonl, W&B offline, TensorBoard, job naming."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from minigpt.cli import job_info
 from minigpt.config import ConfigError, LoggerConfig, register_configs, to_object
 from minigpt.tracking import (
-    Console,
     JobInfo,
     TensorBoardTracker,
     _wandb_mode_with_credentials,
@@ -293,22 +292,3 @@ def test_single_run_is_named_by_its_overrides() -> None:
         {"mode": RunMode.RUN, "overrides": {"task": ["model=small", "hydra.run.dir=x"]}}
     )
     assert job_info(hydra_cfg) == JobInfo(name="model=small", group=None)
-
-
-# ---------------------------------------------------------------- the console
-def test_bar_shows_loss_tokens_per_second_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    console = Console("bar", total=100, initial=0, enabled=True)
-    console.step(10, {"train/loss": 2.5, "tokens_per_sec": 12345.0})
-    console.step(20, {"train/loss": 2.25, "tokens_per_sec": 12000.0, "val/loss": 2.4})
-    console.close()
-    bar = capsys.readouterr().err.split("\r")[-1]
-    assert "20/100" in bar and "loss=2.25" in bar and "tok/s=12,000" in bar and "val=2.4" in bar
-    assert "<" in bar  # tqdm's elapsed<remaining
-
-
-def test_lines_mode_prints_plain_lines_with_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    console = Console("lines", total=100, initial=0, enabled=True)
-    console.step(10, {"train/loss": 2.5, "tokens_per_sec": 12345.0})
-    out = capsys.readouterr().out
-    assert out.startswith("step 10/100 | train/loss 2.5 | tokens_per_sec 12,345 | eta ")
-    assert "\r" not in out
