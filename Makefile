@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 ARGS ?=
+# The suite runs on 2 pytest-xdist workers (a test file, or the SLURM tests, per worker; see
+# tests/conftest.py); PYTEST_JOBS= runs it in one process.
+PYTEST_JOBS ?= -n 2 --dist loadgroup
 STAMP := $(VENV)/.minigpt-setup
 
 .PHONY: train test lint env
@@ -11,7 +14,7 @@ train: $(STAMP)
 	$(VENV)/bin/python train.py $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_JOBS) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

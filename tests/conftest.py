@@ -142,3 +142,12 @@ def tiny_train_args(corpus: Path, run_dir: Path, cache: Path, *extra: str) -> li
         "optimizer.warmup_steps=10",
         *extra,
     ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs): a file's tests share
+    one worker, so its module fixtures are built once; every SLURM test shares one too, because
+    the one-node test cluster runs one job at a time and the jobs' waits would otherwise overlap."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -324,7 +324,9 @@ REGISTRY: dict[str, Run | ByCI | Service] = {
     "max_tokens=200 temperature=0.8 top_k=40": Run(tiny=(), needs=(RUN_DIR,), expect=("def main",)),
     # Configuration: errors in one line
     "python train.py model.n_head=5": Run(tiny=(), rc=2),
-    "python train.py +train.max_step=5": Run(tiny=(), rc=2),
+    "python train.py train.max_step=5": Run(tiny=(), rc=2),
+    "python train.py data.paths=notes.txt": Run(tiny=(), rc=2),
+    "python train.py 'data.paths=[\"notes.txt\"]'": Run(tiny=(), rc=2),
     # Examples
     "python train.py model=small train.batch_size=64 train.max_steps=5000 train.compile=true": Run(
         new_runs=1, timeout=600, marks=SLOW
@@ -404,7 +406,7 @@ REGISTRY: dict[str, Run | ByCI | Service] = {
     ),
     "python -m pytest tests/slurm": ByCI(
         "the SLURM tests are part of the suite CI runs; running them here would recurse",
-        (r"python -m pytest( \$\(ARGS\))?$",),
+        (r"python -m pytest( \$\((PYTEST_JOBS|ARGS)\))*$",),
         check=_check_slurm_tests_in_suite,
     ),
     "scripts/slurm_cluster.sh status": Run(tiny=(), expect=("PARTITION",), marks=SLURM),
@@ -473,7 +475,7 @@ REGISTRY: dict[str, Run | ByCI | Service] = {
     ),
     ".ci/run": ByCI(
         "it is CI: it installs packages and starts system daemons",
-        (r"python -m pytest( \$\(ARGS\))?$",),
+        (r"python -m pytest( \$\((PYTEST_JOBS|ARGS)\))*$",),
         check=_check_ci_script_runs,
     ),
 }
