@@ -3,8 +3,9 @@
 A CPU has no datasheet figure we can trust (clocks, vector units and threads vary), so its peak
 is the speed of a large matmul. Timed for 0.05 s at start-up it varied 6x between runs on one
 machine; here it is the best of many matmuls timed over 1.5 s after a warm-up, measured once per
-machine and kept in ``<data.cache_dir>/peak_flops.json``, so every run there is compared against
-the same figure.
+machine and kept in ``peak_flops.json`` of the machine's cache folder (``$MINIGPT_CACHE_DIR`` or
+``~/.cache/minigpt``, whatever a run's ``data.cache_dir``), so every run on the machine is
+compared against the same figure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import torch
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L40S": 362e12}
 CACHE_FILE = "peak_flops.json"
 MATMUL_N = 1024  # large enough to run at the vector units' speed, small enough to warm fast
+
+
+def machine_cache_dir() -> Path:
+    """``$MINIGPT_CACHE_DIR`` (an exported but empty one counts as unset), else ~/.cache/minigpt:
+    the peak is a fact of the machine, not of a run's data, so it is not kept in data.cache_dir."""
+    return Path(os.environ.get("MINIGPT_CACHE_DIR") or "~/.cache/minigpt").expanduser()
 
 
 def peak_flops(

@@ -202,7 +202,7 @@ class Trainer:
         ranks measuring at once on one CPU would each see a share of it."""
         found = None
         if self.dist.is_main:
-            found = peak.peak_flops(self.device, self.dtype, self.cfg.data.cache_dir)
+            found = peak.peak_flops(self.device, self.dtype, peak.machine_cache_dir())
         return distributed.broadcast_object(found, self.dist)
 
     def _wrap(self, model: GPT) -> torch.nn.Module:

@@ -27,11 +27,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         (corpus / f"doc{i}.txt").write_text(ENGLISH * 20)
     run = tmp / "my run, 1"  # a folder name the shell and Hydra would both misread unquoted
     args = tiny_train_args(corpus, run, tmp / "cache", "train.progress=bar", "train.eval_every=4")
-    first = run_entry("train.py", *args, "train.max_steps=8", cwd=tmp)
+    env = clean_env({"MINIGPT_CACHE_DIR": str(tmp / "machine-cache")})  # the peak: measured here
+    first = run_entry("train.py", *args, "train.max_steps=8", cwd=tmp, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     log_after_first = (run / "train.log").read_text()
     info_first = json.loads((run / "run.json").read_text())
-    second = run_entry("train.py", *args, "train.max_steps=16", cwd=tmp)
+    second = run_entry("train.py", *args, "train.max_steps=16", cwd=tmp, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     return {
         "tmp": tmp,
@@ -85,7 +86,9 @@ def test_run_json_holds_the_runs_mfu_and_where_the_peak_came_from(runs: dict) ->
     assert info["mfu"]["windows"] == 5 and info["mfu"]["last"] == pytest.approx(events[-1]["mfu"])
     assert info["mfu"]["mean"] == pytest.approx(sum(e["mfu"] for e in events) / 5)  # both attempts
     assert first["peak_flops_source"].startswith("measured ")
-    assert "peak_flops.json" in first["peak_flops_source"]
+    assert (
+        f"cached {runs['tmp'] / 'machine-cache' / 'peak_flops.json'}" in first["peak_flops_source"]
+    )
     assert info["peak_flops"] == first["peak_flops"]  # the cached figure, not a new one
 
 
