@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
-from minigpt import runfolder, runlock
+from minigpt import runfolder, runlock, tracking
 from minigpt.distributed import squeue
 from minigpt.runfolder import RUN_FILE
 from minigpt.tracking import METRICS_FILE
@@ -179,17 +179,7 @@ def _load_job(path: Path, label: str, submitted_overrides: list[str]) -> Job:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's events; a line cut short by a kill is skipped, "nan" strings are floats."""
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and isinstance(event.get("step"), int):
-            events.append({k: _number(v) for k, v in event.items()})
-    return events
+    return [{k: _number(v) for k, v in e.items()} for e in tracking.logged_events(path)]
 
 
 def _number(value: Any) -> Any:
