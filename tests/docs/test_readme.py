@@ -773,19 +773,26 @@ def test_readme_server_starts(command: str, scratch: Scratch) -> None:
 
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[str, str | None]:
-    """The output read until a line matches ``pattern`` (and the URL in it), or the timeout."""
-    import selectors
+    """The output read until a line matches ``pattern`` (and the URL in it), or the timeout.
 
+    A thread reads the lines: select() on a buffered pipe misses lines that arrived together
+    with the one readline() returned (they wait in Python's buffer, not in the pipe)."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, deadline = "", time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline and proc.poll() is None:
-            if not sel.select(timeout=1):
-                continue
-            line = proc.stdout.readline()
-            seen += line
-            if re.search(pattern, line):
-                return seen, re.search(r"http://\S+", line).group(0)
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=min(left, 1))
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen += line
+        if re.search(pattern, line):
+            return seen, re.search(r"http://\S+", line).group(0)
     return seen, None
 
 
