@@ -45,12 +45,24 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         if not k.startswith(("SLURM_", "SUBMITIT_")) and k not in LAUNCHER_VARS
     }
     return {
+        **_worker_threads(),
         **env,
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
         **(extra or {}),
     }
+
+
+def _worker_threads() -> dict[str, str]:
+    """Under pytest-xdist, the processes a test starts get their worker's share of the cores
+    (OMP_NUM_THREADS, which minigpt honours): two workers each starting a torch process with every
+    core's thread would oversubscribe the machine, and OpenMP's spinning threads then crawl."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"OMP_NUM_THREADS": str(max(1, (cores or 1) // workers))}
 
 
 def run_entry(
@@ -142,6 +154,17 @@ def tiny_train_args(corpus: Path, run_dir: Path, cache: Path, *extra: str) -> li
         "optimizer.warmup_steps=10",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _share_of_the_cores() -> None:
+    """Torch in a pytest-xdist worker uses the same share of the cores as the processes its tests
+    start (see clean_env), so results computed here and there use the same thread count."""
+    threads = _worker_threads().get("OMP_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
