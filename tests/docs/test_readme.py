@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, Result, clean_env, free_port
+from tests.slurm.conftest import require_slurm_cluster
 
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
@@ -598,18 +599,6 @@ def documented() -> dict[str, Documented]:
     return readme_commands(README.read_text())
 
 
-def require_slurm_cluster() -> None:
-    """Like tests/slurm's fixture: the cluster must be up in CI; elsewhere skip, saying why."""
-    from tests.slurm.conftest import cluster_problem
-
-    problem = cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"the README's SLURM commands need the local cluster in CI: {problem}")
-    pytest.skip(f"no SLURM cluster: {problem}")
-
-
 # ---------------------------------------------------------------- the tests
 
 
@@ -653,7 +642,7 @@ def test_readme_command_runs_as_written(
     entry = REGISTRY[command]
     assert isinstance(entry, Run)
     if pytest.mark.slurm in entry.marks:
-        require_slurm_cluster()
+        require_slurm_cluster("the README's SLURM commands")
     result = scratch.run(command)
     output = result.stdout + result.stderr
     assert result.returncode == entry.rc, _tail(result)

@@ -27,12 +27,16 @@ def cluster_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
+def require_slurm_cluster(who: str = "the SLURM tests") -> None:
     """Fails in CI when the cluster is missing (it must be there); skips elsewhere, saying why."""
     problem = cluster_problem()
     if problem is None:
         return
     if os.environ.get("CI"):
-        pytest.fail(f"the SLURM tests need the local cluster in CI: {problem}")
+        pytest.fail(f"{who} need the local cluster in CI: {problem}")
     pytest.skip(f"no SLURM cluster: {problem}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    require_slurm_cluster()
