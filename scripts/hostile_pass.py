@@ -650,6 +650,18 @@ def verdict(r: Res, problems: list[str], note: str = "") -> tuple[bool, str]:
     return not problems, text
 
 
+def verdict_with(c: Ctx, r: Res, problems: list[str], extra: Check | None) -> tuple[bool, str]:
+    """The verdict once ``extra`` (a check of its own) has had its say: a failure is a problem,
+    a pass adds its note."""
+    note = ""
+    if extra is not None:
+        ok, note = extra(c, r)
+        if not ok:
+            problems.append(note)
+            note = ""
+    return verdict(r, problems, note)
+
+
 def refused(*needles: str, intact: bool = False, extra: Check | None = None) -> Check:
     """Exit 1/2, one ``error:`` line holding ``needles``, no traceback, files intact."""
 
@@ -657,13 +669,7 @@ def refused(*needles: str, intact: bool = False, extra: Check | None = None) -> 
         problems = refusal_problems(r, needles)
         if intact:
             problems += c.changed()
-        note = ""
-        if extra is not None:
-            ok, note = extra(c, r)
-            if not ok:
-                problems.append(note)
-                note = ""
-        return verdict(r, problems, note)
+        return verdict_with(c, r, problems, extra)
 
     return check
 
@@ -675,13 +681,7 @@ def works(*needles: str, rc: int = 0, extra: Check | None = None) -> Check:
         problems = success_problems(r, rc)
         low = r.text.lower()
         problems += [f"output lacks {n!r}" for n in needles if n.lower() not in low]
-        note = ""
-        if extra is not None:
-            ok, note = extra(c, r)
-            if not ok:
-                problems.append(note)
-                note = ""
-        return verdict(r, problems, note)
+        return verdict_with(c, r, problems, extra)
 
     return check
 
@@ -693,13 +693,7 @@ def works_or_refused(*needles: str, intact: bool = False, extra: Check | None = 
         problems = success_problems(r) if r.rc == 0 else refusal_problems(r, needles)
         if intact and r.rc != 0:
             problems += c.changed()
-        note = ""
-        if extra is not None:
-            ok, note = extra(c, r)
-            if not ok:
-                problems.append(note)
-                note = ""
-        return verdict(r, problems, note)
+        return verdict_with(c, r, problems, extra)
 
     return check
 
@@ -914,32 +908,36 @@ def _base_snap(c: Ctx) -> None:
     c.snap()
 
 
-add(
-    "preserve",
+def _refused_over_base(title: str, expect: str, command: Callable[[Ctx], Cmd], needle: str) -> None:
+    """A command on a copy of the base run's folder: refused in one line, every file intact."""
+    add(
+        "preserve",
+        title,
+        expect,
+        command,
+        refused(needle, intact=True),
+        setup=_base_snap,
+        needs=("base",),
+    )
+
+
+_refused_over_base(
     "resume=never in a folder holding a run",
     "refused in 1 line; checkpoints/, metrics.jsonl, run.json byte-identical",
     lambda c: c.base("resume=never"),
-    refused("resume", intact=True),
-    setup=_base_snap,
-    needs=("base",),
+    "resume",
 )
-add(
-    "preserve",
+_refused_over_base(
     "changed model shape (model.n_layer=3) on a folder holding a run",
     "refused in 1 line naming the shape; files byte-identical",
     lambda c: c.base("model.n_layer=3"),
-    refused("n_layer", intact=True),
-    setup=_base_snap,
-    needs=("base",),
+    "n_layer",
 )
-add(
-    "preserve",
+_refused_over_base(
     "changed train.batch_size on a folder holding a run",
     "refused in 1 line naming the batch; files byte-identical",
     lambda c: c.base("train.batch_size=4"),
-    refused("batch", intact=True),
-    setup=_base_snap,
-    needs=("base",),
+    "batch",
 )
 
 
@@ -985,23 +983,17 @@ add(
     setup=do(lambda c: c.copy_base()),
     needs=("base",),
 )
-add(
-    "preserve",
+_refused_over_base(
     "lowering train.max_steps below the done step (6 -> 4)",
     "refused in 1 line naming max_steps; files byte-identical",
     lambda c: c.base("train.max_steps=4"),
-    refused("max_steps", intact=True),
-    setup=_base_snap,
-    needs=("base",),
+    "max_steps",
 )
-add(
-    "preserve",
+_refused_over_base(
     "resume=PATH of an earlier step (step_0000002.pt) of the same folder",
     "refused in 1 line naming the checkpoint; files byte-identical",
     lambda c: c.base(f"resume={c.p('run', 'checkpoints', 'step_0000002.pt')}"),
-    refused("step_0000002", intact=True),
-    setup=_base_snap,
-    needs=("base",),
+    "step_0000002",
 )
 
 
@@ -1084,42 +1076,40 @@ def _corrupt_file(name: str, content: str) -> Callable[[Ctx], None]:
     return setup
 
 
-add(
-    "preserve",
-    "run.json garbage (not JSON) before resume, max_steps=8",
-    "exit 0 (resumes) or refused in 1 line; no traceback",
-    lambda c: c.base("train.max_steps=8"),
-    works_or_refused("run.json", intact=True),
-    setup=_corrupt_file("run.json", "{not json"),
-    needs=("base",),
-)
-add(
-    "preserve",
-    "run.json a JSON list ([]) before resume, max_steps=8",
-    "exit 0 (resumes) or refused in 1 line; no traceback",
-    lambda c: c.base("train.max_steps=8"),
-    works_or_refused("run.json", intact=True),
-    setup=_corrupt_file("run.json", "[]\n"),
-    needs=("base",),
-)
-add(
-    "preserve",
-    "metrics.jsonl with garbage lines before resume, max_steps=8",
-    "exit 0, resumes, step 8 logged",
-    lambda c: c.base("train.max_steps=8"),
-    works(extra=lambda c, r: (8 in _metrics_steps(c.p("run", "metrics.jsonl")), "step 8 logged")),
-    setup=_corrupt_file("metrics.jsonl", 'garbage\n\x00\x01\n{"step": \n'),
-    needs=("base",),
-)
-add(
-    "preserve",
-    'metrics.jsonl with JSON that is not an event ([1], {"step":"x"}, null) before resume',
-    "exit 0, resumes, step 8 logged",
-    lambda c: c.base("train.max_steps=8"),
-    works(extra=lambda c, r: (8 in _metrics_steps(c.p("run", "metrics.jsonl")), "step 8 logged")),
-    setup=_corrupt_file("metrics.jsonl", '[1]\n{"step": "x"}\nnull\n"s"\n'),
-    needs=("base",),
-)
+for _what, _content in (
+    ("run.json garbage (not JSON)", "{not json"),
+    ("run.json a JSON list ([])", "[]\n"),
+):
+    add(
+        "preserve",
+        f"{_what} before resume, max_steps=8",
+        "exit 0 (resumes) or refused in 1 line; no traceback",
+        lambda c: c.base("train.max_steps=8"),
+        works_or_refused("run.json", intact=True),
+        setup=_corrupt_file("run.json", _content),
+        needs=("base",),
+    )
+for _what, _content in (
+    (
+        "metrics.jsonl with garbage lines before resume, max_steps=8",
+        'garbage\n\x00\x01\n{"step": \n',
+    ),
+    (
+        'metrics.jsonl with JSON that is not an event ([1], {"step":"x"}, null) before resume',
+        '[1]\n{"step": "x"}\nnull\n"s"\n',
+    ),
+):
+    add(
+        "preserve",
+        _what,
+        "exit 0, resumes, step 8 logged",
+        lambda c: c.base("train.max_steps=8"),
+        works(
+            extra=lambda c, r: (8 in _metrics_steps(c.p("run", "metrics.jsonl")), "step 8 logged")
+        ),
+        setup=_corrupt_file("metrics.jsonl", _content),
+        needs=("base",),
+    )
 
 
 def _blocker(name: str, kind: str) -> Callable[[Ctx], None]:
