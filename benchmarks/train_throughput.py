@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PRESETS, append_result, compose_config  # noqa: E402
 
-from minigpt import distributed, runtime  # noqa: E402
+from minigpt import distributed, peak  # noqa: E402
 from minigpt.trainer import Trainer  # noqa: E402
 
 
@@ -62,10 +62,10 @@ def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> d
         n = 8192
     else:
         mm_dtype, n = torch.float32, 1024
-    flops = runtime.measure_matmul_flops(device, mm_dtype, n=n, seconds=seconds)
+    flops = peak.measure_matmul_flops(device, mm_dtype, n=n, seconds=seconds)
     out: dict[str, Any] = {"peak_measured": flops, "peak_dtype": str(mm_dtype).split(".")[-1]}
     if device.type == "cuda":
-        out["peak_datasheet"], out["peak_datasheet_source"] = runtime.peak_flops(device, mm_dtype)
+        out["peak_datasheet"], out["peak_datasheet_source"] = peak.peak_flops(device, mm_dtype)
     return out
 
 
@@ -118,16 +118,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens_per_step = trainer.sampler.global_batch * trainer.sampler.block_size
         for _ in range(args.warmup):
             run()
-        runtime._sync(device)
+        peak.sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             run()
-        runtime._sync(device)
+        peak.sync(device)
         seconds = (time.perf_counter() - start) / args.steps
         memory = peak_memory_gb(device)
-        peak = measured_peak(device, trainer.dtype, args.peak_seconds)
+        peak_figures = measured_peak(device, trainer.dtype, args.peak_seconds)
     tokens_per_sec = tokens_per_step / seconds
     achieved = trainer.flops_per_token * tokens_per_sec
     figures = {
@@ -143,21 +143,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ms_per_step": seconds * 1e3,
         "flops_per_token": trainer.flops_per_token,
         "achieved_flops": achieved,
-        **peak,
-        "mfu": achieved / peak["peak_measured"],
+        **peak_figures,
+        "mfu": achieved / peak_figures["peak_measured"],
         "peak_memory_gb": memory,
     }
-    if "peak_datasheet" in peak:
-        figures["mfu_datasheet"] = achieved / peak["peak_datasheet"]
+    if "peak_datasheet" in peak_figures:
+        figures["mfu_datasheet"] = achieved / peak_figures["peak_datasheet"]
     print(f"config overrides: {' '.join(expand(args.items)) or '(default)'}")
     print(f"loop={args.loop} device={device} dtype={figures['dtype']} threads={figures['threads']}")
     print(f"params: {figures['params'] / 1e6:.2f}M  tokens/step: {tokens_per_step}")
     print(f"tokens/s: {tokens_per_sec:,.0f}  ms/step: {seconds * 1e3:.1f}")
     fpt = trainer.flops_per_token
     print(f"FLOPs/token: {fpt / 1e6:.2f}M  achieved: {achieved / 1e9:.1f} GFLOP/s")
-    print(f"measured {peak['peak_dtype']} matmul peak: {peak['peak_measured'] / 1e9:.1f} GFLOP/s")
-    if "peak_datasheet" in peak:
-        print(f"datasheet peak: {peak['peak_datasheet'] / 1e12:.0f} TFLOP/s")
+    measured = peak_figures["peak_measured"] / 1e9
+    print(f"measured {peak_figures['peak_dtype']} matmul peak: {measured:.1f} GFLOP/s")
+    if "peak_datasheet" in peak_figures:
+        print(f"datasheet peak: {peak_figures['peak_datasheet'] / 1e12:.0f} TFLOP/s")
         print(f"MFU vs datasheet: {figures['mfu_datasheet']:.3f}")
     print(f"MFU vs measured peak: {figures['mfu']:.3f}")
     print(f"peak memory: {memory:.2f} GiB ({'RSS' if device.type == 'cpu' else 'allocated'})")

@@ -74,6 +74,8 @@ def _divisor_near(n: int, k: int) -> int:
 
 
 DATA_SOURCES = ("stdlib", "text", "hub")
+# The cache folder when neither data.cache_dir nor $MINIGPT_CACHE_DIR says (token caches, the peak).
+DEFAULT_CACHE_DIR = "~/.cache/minigpt"
 TOKENIZERS = ("byte", "bpe", "gpt2")
 # The keys only one source reads: set for another, they would be ignored without a word
 # (data.paths=[...] without data=text trained on the stdlib corpus).
@@ -93,7 +95,7 @@ class DataConfig:
     tokenizer: str = "byte"
     vocab_size: int = 4096
     val_fraction: float = 0.05
-    cache_dir: str = "~/.cache/minigpt"
+    cache_dir: str = DEFAULT_CACHE_DIR
     num_proc: int = 2
     split_seed: int = 1234
 
@@ -101,7 +103,7 @@ class DataConfig:
         if not self.cache_dir.strip():
             # conf/data reads ${oc.env:MINIGPT_CACHE_DIR,...}: an exported but empty variable
             # counts as unset, rather than caching into the working directory.
-            self.cache_dir = "~/.cache/minigpt"
+            self.cache_dir = DEFAULT_CACHE_DIR
         _one_of("data.source", self.source, DATA_SOURCES)
         _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
         self._refuse_keys_of_other_sources()

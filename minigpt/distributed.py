@@ -410,8 +410,13 @@ def _set_cpu_threads(dist: Dist, env: Mapping[str, str]) -> None:
     """Apply :func:`cpu_threads` unless the user chose with OMP_NUM_THREADS."""
     if _has(env, "OMP_NUM_THREADS"):
         return
+    torch.set_num_threads(cpu_threads(dist, usable_cores(), torch.get_num_threads()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a SLURM or taskset share)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(cpu_threads(dist, cores or 1, torch.get_num_threads()))
+    return cores or 1
 
 
 def _init_process_group(dist: Dist, backend: str, device: str, timeout_s: int) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from minigpt.config import DEFAULT_CACHE_DIR
+
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L40S": 362e12}
 CACHE_FILE = "peak_flops.json"
@@ -30,7 +32,7 @@ MATMUL_N = 1024  # large enough to run at the vector units' speed, small enough 
 def machine_cache_dir() -> Path:
     """``$MINIGPT_CACHE_DIR`` (an exported but empty one counts as unset), else ~/.cache/minigpt:
     the peak is a fact of the machine, not of a run's data, so it is not kept in data.cache_dir."""
-    return Path(os.environ.get("MINIGPT_CACHE_DIR") or "~/.cache/minigpt").expanduser()
+    return Path(os.environ.get("MINIGPT_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
 
 
 def peak_flops(
@@ -84,15 +86,16 @@ def _timings(a: torch.Tensor, b: torch.Tensor, device: torch.device, seconds: fl
     out: list[float] = []
     end = time.perf_counter() + seconds
     while len(out) < 3 or time.perf_counter() < end:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         out.append(time.perf_counter() - start)
     return out
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, so that a timing measures the work and not only its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -15,9 +15,6 @@ import torch
 from minigpt.config import ConfigError
 from minigpt.model import GPT
 
-# benchmarks/train_throughput.py reads the peak from here, where it used to live.
-from minigpt.peak import DATASHEET_PEAK, measure_matmul_flops, peak_flops  # noqa: F401
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # /proc/cpuinfo flags of CPUs whose bf16 matmul beats fp32 (AMX tiles, AVX-512 BF16 dot products).

@@ -61,8 +61,9 @@ def _worker_threads() -> dict[str, str]:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
         return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"OMP_NUM_THREADS": str(max(1, (cores or 1) // workers))}
+    from minigpt.distributed import usable_cores
+
+    return {"OMP_NUM_THREADS": str(max(1, usable_cores() // workers))}
 
 
 def run_entry(
