@@ -127,14 +127,25 @@ def test_gpt2_file_lookup_follows_tiktoken_cache_dir(tmp_path, monkeypatch) -> N
 
 def test_gpt2_without_files_or_network_is_a_config_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty Hugging Face cache
     monkeypatch.setattr(tokenizer_mod, "can_reach", lambda url, timeout=3.0: False)
     with pytest.raises(ConfigError, match=r"data.tokenizer=gpt2 .* use data.tokenizer=byte or bpe"):
         build_tokenizer("gpt2", None, 0)
 
 
+def test_gpt2_error_says_the_hugging_face_cache_was_checked(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(tokenizer_mod, "can_reach", lambda url, timeout=3.0: False)
+    with pytest.raises(ConfigError, match="Hugging Face cache") as info:
+        build_tokenizer("gpt2", None, 0)
+    assert "openai-community/gpt2" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_gpt2_fails_fast_or_round_trips_on_this_machine(tmp_path, monkeypatch) -> None:
     """The real probe: without network a ConfigError in seconds; with network, a working GPT-2."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # no Hub copy to fall back on
     start = time.monotonic()
     try:
         tok = build_tokenizer("gpt2", None, 0)
@@ -142,7 +153,7 @@ def test_gpt2_fails_fast_or_round_trips_on_this_machine(tmp_path, monkeypatch) -
         assert "data.tokenizer=gpt2" in str(err)
         assert time.monotonic() - start < 10
         return
-    assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
+    assert (tok.backend, tok.vocab_size, tok.eot_id) == ("tiktoken", 50257, 50256)
     assert tok.decode(tok.encode(SAMPLES[2])) == SAMPLES[2]
     assert tokenizer_from_state(tok.state()).encode("hello") == tok.encode("hello")
 
