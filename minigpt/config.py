@@ -77,6 +77,8 @@ DATA_SOURCES = ("stdlib", "text", "hub")
 # The cache folder when neither data.cache_dir nor $MINIGPT_CACHE_DIR says (token caches, the peak).
 DEFAULT_CACHE_DIR = "~/.cache/minigpt"
 TOKENIZERS = ("byte", "bpe", "gpt2")
+# A model folder's own tokenizer.json: set by init_from (the trainer), never chosen by a user.
+PRETRAINED_TOKENIZER = "hf"
 # The keys only one source reads: set for another, they would be ignored without a word
 # (data.paths=[...] without data=text trained on the stdlib corpus).
 SOURCE_KEYS = {"text": ("paths",), "hub": ("name", "config", "split", "text_column")}
@@ -105,7 +107,8 @@ class DataConfig:
             # counts as unset, rather than caching into the working directory.
             self.cache_dir = DEFAULT_CACHE_DIR
         _one_of("data.source", self.source, DATA_SOURCES)
-        _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.tokenizer != PRETRAINED_TOKENIZER:
+            _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
         self._refuse_keys_of_other_sources()
         _require(
             self.source != "text" or len(self.paths) > 0,
@@ -256,9 +259,19 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     resume: str = "auto"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume is empty; use auto, never or a checkpoint path")
+        _require(
+            self.init_from != "",
+            "init_from is empty; give a Hub name (gpt2), a model folder or a checkpoint, or null",
+        )
+        _require(
+            self.data.tokenizer != PRETRAINED_TOKENIZER or self.init_from is not None,
+            f"data.tokenizer={PRETRAINED_TOKENIZER} is a model folder's own tokenizer: it comes "
+            f"with init_from=FOLDER; use one of: {', '.join(TOKENIZERS)}",
+        )
 
 
 @dataclass
@@ -278,7 +291,11 @@ class GenerateConfig:
     kv_cache: bool = True
 
     def __post_init__(self) -> None:
-        _require(bool(self.checkpoint), "checkpoint is not set; pass checkpoint=PATH/TO/last.pt")
+        _require(
+            bool(self.checkpoint),
+            "checkpoint is not set; pass checkpoint=PATH/TO/last.pt (or a Hugging Face "
+            "model folder or Hub name, e.g. checkpoint=gpt2)",
+        )
         _require(self.prompt_file != "", "prompt_file is empty; give a file name, or prompt=TEXT")
         _require(self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0")
         # The comparisons are False for nan; inf would turn every logit into nan.

@@ -1,13 +1,19 @@
-"""Model-only export to safetensors, for sharing weights: ``python -m minigpt.export CKPT [OUT]``.
+"""Export a model to share it: ``python -m minigpt.export CKPT [OUT] [--format hf|minigpt]``.
 
-A training checkpoint carries the optimizer, RNG and sampler state and is a (weights-only) pickle;
-a ``.safetensors`` file holds tensors alone and cannot run code on load, whoever made it. The model
-config and tokenizer travel as its string metadata, so ``generate.py checkpoint=model.safetensors``
-works from the file alone.
+``--format hf`` (the default) writes a folder in Hugging Face's layout: ``config.json``,
+``model.safetensors``, ``generation_config.json`` and the tokenizer files, which
+``transformers``' ``AutoModelForCausalLM`` and ``AutoTokenizer`` open with no extra code (and so
+``lm-eval``, vLLM and the Hub). ``--format minigpt`` writes minigpt's own single file: the
+weights as safetensors, the model config and tokenizer in its metadata, read by ``generate.py``
+and ``init_from=`` but by nothing else. An OUT ending in ``.safetensors`` means minigpt's file.
 
-The command never clobbers: an existing OUT needs ``--force``, and not even ``--force`` writes over
-the checkpoint itself (last.pt, best.pt and step_N.pt are hard links of one another). The file
-format lives in :mod:`minigpt.weights`; this module is the command and its rules.
+A training checkpoint carries the optimizer, RNG and sampler state and is a (weights-only)
+pickle; both exports hold tensors alone and cannot run code on load, whoever made them.
+
+The command never clobbers: an existing OUT needs ``--force`` (and a folder is replaced only if
+it is an earlier export), and not even ``--force`` writes over the checkpoint itself (last.pt,
+best.pt and step_N.pt are hard links of one another). The formats live in :mod:`minigpt.weights`
+and :mod:`minigpt.hf_folder`; this module is the command and its rules.
 """
 
 from __future__ import annotations
@@ -17,32 +23,67 @@ import os
 import sys
 from pathlib import Path
 
-from minigpt import weights
+from minigpt import hf_folder, pretrained, weights
 from minigpt.checkpoint import CheckpointError
 from minigpt.cli import OneLineParser
+from minigpt.config import ConfigError
+from minigpt.hf_folder import ExportError
 
 load = weights.read_safetensors  # the reader, beside the other formats
-
-
-class ExportError(ValueError):
-    """An output path the export refuses (printed as one line)."""
+FORMATS = ("hf", "minigpt")
+OURS = ".minigpt.safetensors"  # the default name of minigpt's own file: not a HF file
 
 
 def export(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, force: bool = False
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    fmt: str | None = None,
 ) -> Path:
-    """Write the model weights of checkpoint ``src`` to ``dst`` (default: beside it, .safetensors).
+    """Write the model of ``src`` (a checkpoint, an export, a HF folder or Hub name) to ``dst``.
 
-    The checkpoint is checked in full first; ``dst``'s missing folders are made; the file appears
-    whole or not at all.
+    ``fmt`` None: minigpt's file if ``dst`` ends in .safetensors, else a HF folder. Without
+    ``dst``, beside ``src``: ``best-hf/`` or ``best.minigpt.safetensors``. The source is checked
+    in full first; ``dst``'s missing folders are made; the output appears whole or not at all.
     """
-    src = Path(src)
-    out = Path(dst) if dst else src.with_suffix(".safetensors")
-    check_output(src, out, force)
-    found = weights.read_checkpoint(src)
+    fmt = fmt or ("minigpt" if dst and str(dst).endswith(".safetensors") else "hf")
+    source = Path(src).expanduser()
+    out = Path(dst) if dst else default_output(source, fmt)
+    if fmt == "hf":
+        check_not_input(source, out)
+        hf_folder.check_output(out, force)
+        found = pretrained.read_source(str(src), key="checkpoint")
+        return hf_folder.write_folder(found, out, force)
+    check_output(source, out, force)
+    found = pretrained.read_source(str(src), key="checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.write_safetensors(found.state, out)
     return out
+
+
+def default_output(src: Path, fmt: str) -> Path:
+    """Beside the source: ``checkpoints/best-hf/`` or ``checkpoints/best.minigpt.safetensors``."""
+    stem = src.name if src.is_dir() else src.stem
+    return src.with_name(f"{stem}-hf" if fmt == "hf" else f"{stem}{OURS}")
+
+
+def check_not_input(src: Path, out: Path) -> None:
+    """Never the source (under any name, or a folder holding it), never a device or FIFO."""
+    if not out.exists():
+        return
+    if not out.is_file() and not out.is_dir():  # renaming over it would replace /dev/full itself
+        raise ExportError(f"{out} is not a regular file (a device, FIFO or socket); give a file")
+    if src.exists() and os.path.samefile(src, out):
+        how = "the same file" if src.resolve() == out.resolve() else "a hard link of it"
+        raise ExportError(
+            f"{out} is the checkpoint {src} itself ({how}); the export never writes over its "
+            "input: give another output path"
+        )
+    if src.exists() and out.is_dir() and out.resolve() in src.resolve().parents:
+        raise ExportError(
+            f"{out} holds the source {src}; the export never writes over its input: give another "
+            "output folder"
+        )
 
 
 def check_output(src: Path, out: Path, force: bool) -> None:
@@ -55,14 +96,7 @@ def check_output(src: Path, out: Path, force: bool) -> None:
         raise ExportError(f"cannot write {out}: {folder} is a file, not a folder")
     if not out.exists() and not out.is_symlink():
         return
-    if out.exists() and not out.is_file():  # renaming over it would replace /dev/full itself
-        raise ExportError(f"{out} is not a regular file (a device, FIFO or socket); give a file")
-    if src.exists() and out.exists() and os.path.samefile(src, out):
-        how = "the same file" if src.resolve() == out.resolve() else "a hard link of it"
-        raise ExportError(
-            f"{out} is the checkpoint {src} itself ({how}); the export never writes over its "
-            "input: give another output path"
-        )
+    check_not_input(src, out)
     if not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
 
@@ -70,13 +104,22 @@ def check_output(src: Path, out: Path, force: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt.export CKPT [OUT] [--force]``: every failure is one ``error:`` line."""
     parser = OneLineParser(prog="python -m minigpt.export", description=__doc__)
-    parser.add_argument("checkpoint", help="a minigpt checkpoint, e.g. .../checkpoints/best.pt")
-    parser.add_argument("output", nargs="?", help="default: the checkpoint's name, .safetensors")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint (e.g. .../checkpoints/best.pt), an export or a HF model"
+    )
+    parser.add_argument(
+        "output", nargs="?", help="default: beside the checkpoint, best-hf/ or best" + OURS
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="hf: a folder transformers opens (default); minigpt: minigpt's own .safetensors file",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.output, force=args.force)
-    except (CheckpointError, ExportError) as err:
+        out = export(args.checkpoint, args.output, force=args.force, fmt=args.format)
+    except (CheckpointError, ExportError, ConfigError) as err:
         return _error(str(err), 2)
     except OSError as err:  # disk full, a read-only folder, a file where a folder should be
         where = err.filename or args.output or args.checkpoint

@@ -12,11 +12,10 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from minigpt import checkpoint
+from minigpt import pretrained
 from minigpt.config import ConfigError, GenerateConfig
 from minigpt.model import GPT, KVCache
 from minigpt.tokenizer import Tokenizer
-from minigpt.weights import load_model
 
 
 def greedy_next(logits: torch.Tensor) -> torch.Tensor:
@@ -201,9 +200,9 @@ def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
     out = out or sys.stdout
     device = _resolve_device(cfg.device)
     # Before the prompt is read: a folder given as the checkpoint is the likelier mistake.
-    checkpoint.require_file(Path(cfg.checkpoint), key="checkpoint")
+    pretrained.source_kind(cfg.checkpoint, key="checkpoint")
     prompt = _read_prompt(cfg)
-    model, tokenizer, _ = load_model(cfg.checkpoint, device)
+    model, tokenizer, _ = pretrained.load_model(cfg.checkpoint, device)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("prompt is empty after tokenization; give a prompt of at least one token")

@@ -2,8 +2,8 @@
 and :func:`load_model`, which turns any of them into a model ready to sample.
 
 ``checkpoint.py`` owns the training checkpoint (``.pt``); this module imports it and adds the
-formats that share weights with the world (safetensors today, Hugging Face folders next), never
-the other way round.
+formats that share weights with the world (safetensors here, Hugging Face folders in
+:mod:`minigpt.hf_folder`), never the other way round.
 
 Every file is hostile until checked. The config, the tokenizer and every tensor's name and shape
 are validated before a model is built, and the parameter count that the config implies is
@@ -307,9 +307,14 @@ def load_model(
     Any damaged or hostile file is a CheckpointError, never a traceback.
     """
     found = read_model_file(path, device)
+    return build_model(found, path, device), found.tokenizer, found.state
+
+
+def build_model(found: ModelFile, where: Any, device: str | torch.device = "cpu") -> GPT:
+    """The model of a checked model file, in eval mode on ``device``."""
     model = GPT(found.config)
     try:
         model.load_state_dict(found.tensors)  # names, shapes and dtypes are checked by now
     except RuntimeError as err:  # a tensor kind no check foresaw: still the file's fault
-        raise CheckpointError(f"{path}: the weights do not load ({_one_line(err)})") from None
-    return model.to(device).eval(), found.tokenizer, found.state
+        raise CheckpointError(f"{where}: the weights do not load ({_one_line(err)})") from None
+    return model.to(device).eval()

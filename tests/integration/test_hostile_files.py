@@ -567,13 +567,13 @@ def test_export_replaces_an_existing_file_only_with_force(
 def test_export_beside_the_checkpoint_needs_force_the_second_time(
     ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = ckpt.with_suffix(".safetensors")
-    assert _main(capsys, ckpt) == (0, "")
+    out = ckpt.with_name(f"{ckpt.stem}.minigpt.safetensors")
+    assert _main(capsys, ckpt, "--format", "minigpt") == (0, "")
     first = out.read_bytes()
-    code, err = _main(capsys, ckpt)
+    code, err = _main(capsys, ckpt, "--format", "minigpt")
     assert code == 2 and err == f"error: {out} exists; pass --force to replace it\n"
     assert out.read_bytes() == first
-    assert _main(capsys, ckpt, "--force") == (0, "")
+    assert _main(capsys, ckpt, "--format", "minigpt", "--force") == (0, "")
 
 
 def test_export_makes_missing_folders_and_refuses_a_folder(

@@ -96,8 +96,8 @@ def _model_checkpoint(path: Path, **changes: object) -> Path:
 
 def test_a_checkpoint_and_its_export_load_as_the_same_model(tmp_path: Path) -> None:
     ckpt = _model_checkpoint(tmp_path / "last.pt")
-    out = export.export(ckpt)
-    assert out == tmp_path / "last.safetensors"
+    out = export.export(ckpt, fmt="minigpt")
+    assert out == tmp_path / "last.minigpt.safetensors"
     (a, tok, _), (b, _, _) = weights.load_model(ckpt), weights.load_model(out)
     assert tok.name == "byte" and not a.training
     assert a.lm_head.weight is a.transformer.wte.weight  # still tied after loading
