@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    paths = ("hydra.run.dir", "hydra.sweep.dir", "data.cache_dir", "resume")
+    paths = ("hydra.run.dir", "hydra.sweep.dir", "data.cache_dir", "resume", "init_from")
     sys.argv[1:] = quote_paths(sys.argv[1:], paths)
     sys.argv += follower_overrides(sys.argv[1:])
     run_main(main)

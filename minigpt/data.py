@@ -71,13 +71,16 @@ class Corpus:
     meta: dict[str, Any]
 
 
-def prepare_corpus(cfg: DataConfig, min_tokens: int = 2) -> Corpus:
+def prepare_corpus(
+    cfg: DataConfig, min_tokens: int = 2, tokenizer: Tokenizer | None = None
+) -> Corpus:
     """Build the token cache for ``cfg`` unless it exists; check both splits hold ``min_tokens``.
 
-    ``min_tokens`` is ``model.block_size + 1``: one training window.
+    ``min_tokens`` is ``model.block_size + 1``: one training window. ``tokenizer``: a given one
+    (a pretrained model's, ``cfg.tokenizer`` naming its kind) instead of one built or trained.
     """
     files = documents.source_files(cfg)
-    inputs = _key_inputs(cfg, files)
+    inputs = _key_inputs(cfg, files, tokenizer)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.cache_dir).expanduser().resolve() / key
     remove_stale_temp_folders(path.parent)
@@ -88,7 +91,7 @@ def prepare_corpus(cfg: DataConfig, min_tokens: int = 2) -> Corpus:
         except CacheDamaged as err:
             _set_aside(path, err)
     if corpus is None:
-        _build_cache(cfg, files, inputs, path)
+        _build_cache(cfg, files, inputs, path, tokenizer)
         corpus = load_corpus(path)
     _check_lengths(corpus, min_tokens)
     return corpus
@@ -159,7 +162,9 @@ def _check_lengths(corpus: Corpus, min_tokens: int) -> None:
             )
 
 
-def _key_inputs(cfg: DataConfig, files: list[Path]) -> dict[str, Any]:
+def _key_inputs(
+    cfg: DataConfig, files: list[Path], tokenizer: Tokenizer | None = None
+) -> dict[str, Any]:
     """Everything that changes the tokens; files by path, size and mtime (no content hashing)."""
     inputs: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -170,6 +175,10 @@ def _key_inputs(cfg: DataConfig, files: list[Path]) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "split_seed": cfg.split_seed,
     }
+    if tokenizer is not None and tokenizer.name in ("bpe", "hf"):  # given, not trained here
+        state = json.dumps(tokenizer.state(), sort_keys=True).encode()
+        inputs["tokenizer_sha256"] = hashlib.sha256(state).hexdigest()
+        inputs["vocab_size"] = None
     if cfg.source == "hub":
         hub = ("name", "config", "split", "text_column")
         inputs.update({k: getattr(cfg, k) for k in hub})
@@ -179,7 +188,13 @@ def _key_inputs(cfg: DataConfig, files: list[Path]) -> dict[str, Any]:
 # ---- cache -----------------------------------------------------------------------------------
 
 
-def _build_cache(cfg: DataConfig, files: list[Path], inputs: dict[str, Any], path: Path) -> None:
+def _build_cache(
+    cfg: DataConfig,
+    files: list[Path],
+    inputs: dict[str, Any],
+    path: Path,
+    tokenizer: Tokenizer | None = None,
+) -> None:
     """Write the cache into a hidden temp folder and rename it into place: all or nothing."""
     tmp = path.parent / f".tmp-{path.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -187,7 +202,7 @@ def _build_cache(cfg: DataConfig, files: list[Path], inputs: dict[str, Any], pat
     except OSError as err:
         raise _cache_dir_error(cfg, path.parent, err) from None
     try:
-        meta = _write_tokens(cfg, files, tmp)
+        meta = _write_tokens(cfg, files, tmp, tokenizer)
         shutil.rmtree(tmp / "hf")
         # meta.json travels into run.json, so it names the file list's size; the list itself
         # (path, size, mtime_ns of each file) goes to key_inputs.json.
@@ -282,7 +297,9 @@ def _publish(tmp: Path, path: Path) -> None:
         # Another process (e.g. another rank) published the same key first: same content.
 
 
-def _write_tokens(cfg: DataConfig, files: list[Path], folder: Path) -> dict[str, Any]:
+def _write_tokens(
+    cfg: DataConfig, files: list[Path], folder: Path, given: Tokenizer | None = None
+) -> dict[str, Any]:
     """Load, split, (train the tokenizer,) tokenize; write ``{train,val}.bin`` and the tokenizer."""
     latin1 = documents.keeps_bytes(cfg)
     docs, not_utf8 = documents.load_documents(cfg, files)
@@ -294,7 +311,8 @@ def _write_tokens(cfg: DataConfig, files: list[Path], folder: Path) -> dict[str,
         docs, cfg.val_fraction, cfg.split_seed, latin1=latin1, separator=separator, sizes=sizes
     )
     texts = (batch["text"] for batch in train.iter(batch_size=256))
-    tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size)  # only BPE reads texts
+    # Only BPE reads texts; a given tokenizer (a pretrained model's) is used as it is.
+    tokenizer = given or build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size)
     encode = _latin1_bytes if latin1 else tokenizer.encode_batch
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     num_proc = _map_procs(len(docs), cfg.num_proc, tokenizer)

@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt import checkpoint, distributed, peak, preview, runfolder, runlock, runtime
+from minigpt import (
+    checkpoint,
+    distributed,
+    peak,
+    pretrained,
+    preview,
+    runfolder,
+    runlock,
+    runtime,
+)
 from minigpt.batches import BatchSampler, eval_batches
 from minigpt.config import Config, ConfigError, as_dict
 from minigpt.console import LOG_FILE, Console, Outcome, RunLog, error_line, start_line, summary
@@ -160,6 +169,10 @@ class Trainer:
         self.logger_run_id: str | None = None  # the W&B run; a checkpoint carries it to a resume
         self.startup_s: float | None = None
         self.device = torch.device(dist.device)
+        self.init = self._plan_init()  # the model's shape and tokenizer, when init_from names them
+        if self.init is not None:
+            data = replace(cfg.data, tokenizer=self.init.tokenizer.name)
+            self.cfg = cfg = replace(cfg, model=self.init.model, data=data)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
         runtime.check_dtype(self.dtype, self.device)
         runtime.check_compiler(cfg.train.compile, self.device)
@@ -180,6 +193,10 @@ class Trainer:
         self.prompt = preview.val_prompt(self.corpus.val, self.corpus.tokenizer, gpt_cfg.block_size)
         self.state = TrainState()
         self.resumed_from = self._maybe_resume()
+        if self.init is not None:
+            if self.resumed_from is None:  # a resume continues its own weights, not the source's
+                self.model.load_state_dict(self.init.weights())
+            self.init.tensors = {}  # the model holds its own copy now
         self.step_model = self._wrap(self.model)
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops, self.peak_source = self._peak()
@@ -187,14 +204,36 @@ class Trainer:
             _set_rng_state(self._resume_rng, self.dist.rank, self.device)
 
     # ---------------------------------------------------------------- set-up
+    def _plan_init(self) -> pretrained.Init | None:
+        """Rank 0 reads ``init_from`` first (a Hub model is fetched once), then the others read
+        it from the cache; a refusal on rank 0 stops every rank with its message."""
+        cfg = self.cfg
+        if cfg.init_from is None:
+            return None
+        init, refusal = None, None
+        if self.dist.is_main:
+            try:
+                init = pretrained.plan_init(cfg.init_from, cfg.model, cfg.data, self.overrides)
+            except (ConfigError, checkpoint.CheckpointError) as err:
+                refusal = err
+        message = distributed.broadcast_object(str(refusal) if refusal else None, self.dist)
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise ConfigError(message)
+        if not self.dist.is_main:
+            init = pretrained.plan_init(cfg.init_from, cfg.model, cfg.data, self.overrides)
+        return init
+
     def _prepare_corpus(self) -> Corpus:
         """Rank 0 tokenizes while the others wait, then they read its cache."""
         min_tokens = self.cfg.model.block_size + 1
+        given = self.init.tokenizer if self.init is not None else None
         if self.dist.is_main:
-            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens)
+            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens, tokenizer=given)
         distributed.barrier(self.dist)
         if not self.dist.is_main:
-            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens)
+            corpus = prepare_corpus(self.cfg.data, min_tokens=min_tokens, tokenizer=given)
         return corpus
 
     def _peak(self) -> tuple[float, str]:
@@ -324,6 +363,8 @@ class Trainer:
             what += f" x {self.dist.world_size} ranks"
         step, steps = self.state.step, cfg.train.max_steps
         console.print(start_line(self.run_dir, what, self.resumed_from, step, steps))
+        if self.init is not None and self.resumed_from is None:
+            console.print(f"initialised from {self.init.describe()}")
         for tmp in checkpoint.remove_leftovers(checkpoint.checkpoint_dir(self.run_dir)):
             console.print(f"removed {tmp.name}, left by a save that was killed")
         for line in [*self.notes, *self.warnings]:
