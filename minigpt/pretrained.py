@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from minigpt import checkpoint, hf_folder, weights
+from minigpt import checkpoint, hf, hf_folder, weights
 from minigpt.checkpoint import CheckpointError
 from minigpt.config import ConfigError, DataConfig, ModelConfig
 from minigpt.model import GPT, GPTConfig
@@ -83,6 +83,27 @@ def load_model(
     """The model (eval mode), tokenizer and state of any source: all that generation needs."""
     found = read_source(spec, key)
     return weights.build_model(found, spec, device), found.tokenizer, found.state
+
+
+def source_shape(spec: str) -> GPTConfig | None:
+    """The model shape ``spec`` holds, read without a download (None when it is not at hand):
+    for a dry run's figures, before any job has fetched the source."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(spec).expanduser()
+    try:
+        kind = source_kind(spec, "init_from")
+        if kind == "file":
+            return weights.read_model_file(path).config
+        if kind == "hub":
+            cached = try_to_load_from_cache(spec, hf_folder.CONFIG)
+            if not isinstance(cached, str):
+                return None
+            path = Path(cached).parent
+        config = hf_folder.read_json(path / hf_folder.CONFIG, spec)
+        return GPTConfig(**hf.model_config_from_hf(config, spec))
+    except (CheckpointError, ConfigError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- the Hub

@@ -8,7 +8,8 @@ repository (symlinks; its own ``outputs/``), with ``python`` this interpreter, a
 token cache for the module and no network. "Tiny step counts where needed" are one documented
 substitution, ``TINY``: each of its overrides replaces the value of that key on the command line,
 or is appended when the key is not there. The few commands that cannot run here say why and what
-checks them instead (``ByCI``: CI's own script runs them).
+checks them instead (``ByCI``: CI's own script runs them; ``Offline``: what they would do with
+minigpt's files is done without the network).
 """
 
 from __future__ import annotations
@@ -212,6 +213,16 @@ class Service:
     check: Callable[[str], None] | None = None
 
 
+@dataclass(frozen=True)
+class Offline:
+    """Not run here: ``why`` (it needs the network, or a package minigpt does not install);
+    ``check`` does offline what the command would do with minigpt's files, given the clone."""
+
+    why: str
+    check: Callable[[Path], None]
+    needs: tuple[str, ...] = ()
+
+
 SLURM = (pytest.mark.slurm, pytest.mark.slow)
 SLOW = (pytest.mark.slow,)
 
@@ -286,7 +297,52 @@ def _wandb_sync(runs: int) -> Run:
     )
 
 
-REGISTRY: dict[str, Run | ByCI | Service] = {
+TINY_GPT2 = "tiny-gpt2"  # a transformers GPT-2 saved in the clone: stands for the Hub's gpt2
+HF_EXPORT = "outputs/my_run/hf"
+
+
+def _make_tiny_gpt2(folder: Path) -> None:
+    """A random GPT-2 of transformers (2 layers, width 32, 64 positions) with byte-level
+    tokenizer files: what ``save_pretrained`` leaves, as a Hub repo holds it."""
+    import torch
+    import transformers
+
+    from minigpt.hf_tokenizers import write_tokenizer_files
+    from minigpt.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    settings = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 256}
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).save_pretrained(folder)
+    write_tokenizer_files(ByteTokenizer(), folder, 64)
+
+
+def _check_initialised_from(block_size: int) -> Callable[[list[Path]], None]:
+    def check(run_dirs: list[Path]) -> None:
+        (run_dir,) = run_dirs
+        config = _run_info(run_dir)["config"]
+        assert config["init_from"] == TINY_GPT2 and config["model"]["d_model"] == 32, config
+        assert config["model"]["block_size"] == block_size, config["model"]
+        assert "initialised from tiny-gpt2" in (run_dir / "train.log").read_text()
+
+    return check
+
+
+def _check_transformers_loads_the_export(clone: Path) -> None:
+    """lm-eval's ``hf`` model is AutoModelForCausalLM + AutoTokenizer of ``pretrained=``; it
+    scores a continuation by the log-probabilities of its tokens: do the same here."""
+    import torch
+    import transformers
+
+    folder = clone / HF_EXPORT
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tokenizer("def main(")["input_ids"]])
+    with torch.no_grad():
+        logprobs = model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])
+    assert torch.isfinite(logprobs).all() and logprobs.sum() < 0
+
+
+REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
     # Set up, train, test
     "make train": Run(
         tiny=(),
@@ -348,6 +404,61 @@ REGISTRY: dict[str, Run | ByCI | Service] = {
     "python generate.py checkpoint=outputs/my_run/checkpoints/best.pt prompt_file=prompt.py "
     "num_samples=3 top_p=0.9 top_k=null seed=7": Run(
         tiny=(), needs=("outputs/my_run", "prompt.py"), expect=("import os",)
+    ),
+    # Pretrained GPT-2
+    'python generate.py checkpoint=gpt2 prompt="The meaning of life is"': Run(
+        tiny=(),
+        rc=2,
+        expect=(r"^error: checkpoint=gpt2 .*not in the local Hugging Face cache",),
+        timeout=120,
+        why="no network here: the one-line refusal an uncached Hub model gets offline",
+    ),
+    "python train.py +experiment=finetune_gpt2 'data.paths=[\"~/corpus/*.txt\"]'": Run(
+        append=(f"init_from={TINY_GPT2}",),
+        needs=("~/corpus", TINY_GPT2),
+        new_runs=1,
+        check=_check_initialised_from(64),
+        why="GPT-2's weights cannot be fetched here: the recipe starts from a transformers GPT-2 "
+        "saved in the clone (init_from=tiny-gpt2 appended); every other key is the recipe's",
+    ),
+    "python train.py -m +experiment=finetune_gpt2 'data.paths=[\"~/corpus/*.txt\"]' "
+    "cluster=slurm hydra.launcher.gpus_per_node=1 hydra.launcher.tasks_per_node=1": Run(
+        tiny=(),
+        append=("hydra.launcher.dry_run=true",),
+        expect=(
+            r"dry run: 1 job\(s\) would be submitted, nothing was\.",
+            r"each job: nodes=1, tasks_per_node=1, gpus_per_node=1,",
+            r"init_from=gpt2 is not here or in the local Hugging Face cache",
+        ),
+        why="there is no GPU partition here: the dry run shows what the job would ask for",
+    ),
+    "python train.py init_from=gpt2-medium data=text 'data.paths=[\"~/corpus/*.txt\"]' "
+    "model.block_size=512": Run(
+        tiny=(*TINY, f"init_from={TINY_GPT2}", "model.block_size=32"),
+        needs=("~/corpus", TINY_GPT2),
+        new_runs=1,
+        check=_check_initialised_from(32),
+        why="gpt2-medium cannot be fetched here: a transformers GPT-2 of 64 positions saved in "
+        "the clone stands for it, cut to 32 positions",
+    ),
+    f"python -m minigpt.export outputs/my_run/checkpoints/best.pt {HF_EXPORT}": Run(
+        tiny=(),
+        needs=("outputs/my_run",),
+        expect=(f"{HF_EXPORT}$",),
+        files=tuple(f"{HF_EXPORT}/{f}" for f in ("config.json", "model.safetensors")),
+    ),
+    f"lm_eval --model hf --model_args pretrained={HF_EXPORT} --tasks lambada_openai,hellaswag "
+    "--batch_size 16": Offline(
+        why="lm-eval is not a dependency and its tasks' data comes from the Hub",
+        check=_check_transformers_loads_the_export,
+        needs=(HF_EXPORT,),
+    ),
+    f"hf upload your-name/my-gpt2 {HF_EXPORT}": Run(
+        tiny=(),
+        needs=(HF_EXPORT,),
+        rc=1,
+        expect=(r"Cannot reach https://huggingface.co/api/repos/create: offline mode",),
+        why="no network or Hub account here: the upload gets as far as creating the repo",
     ),
     "torchrun --nproc_per_node 2 train.py": Run(
         new_runs=1, check=_check_world_size(2), marks=(pytest.mark.distributed, *SLOW)
@@ -563,6 +674,8 @@ class Scratch:
                 if entry.name != ".minigpt-setup":
                     (venv / entry.name).symlink_to(entry)
             (venv / ".minigpt-setup").touch()
+        elif need == TINY_GPT2:
+            _make_tiny_gpt2(self.clone / TINY_GPT2)
         elif need == "prompt.py":
             (self.clone / "prompt.py").write_text("import os\n\n\ndef main(")
         elif need in PRODUCERS:
@@ -576,6 +689,7 @@ class Scratch:
 PRODUCERS = {
     RUN_DIR: "python train.py logger=wandb",
     "outputs/my_run": "python train.py hydra.run.dir=outputs/my_run train.max_steps=2000",
+    HF_EXPORT: f"python -m minigpt.export outputs/my_run/checkpoints/best.pt {HF_EXPORT}",
     SWEEP_DIR: "python train.py -m model=tiny model.n_layer=1,2,3 train.max_steps=150 "
     "train.eval_every=50 'logger=[wandb,tensorboard]'",
 }
@@ -731,6 +845,17 @@ def test_readme_command_is_run_by_ci(command: str) -> None:
         )
     if entry.check:
         entry.check()
+
+
+@pytest.mark.parametrize("command", [c for c, e in REGISTRY.items() if isinstance(e, Offline)])
+def test_readme_command_that_needs_the_network_is_checked_offline(
+    command: str, scratch: Scratch
+) -> None:
+    entry = REGISTRY[command]
+    assert isinstance(entry, Offline) and entry.why
+    for need in entry.needs:
+        scratch.ensure(need)
+    entry.check(scratch.clone)
 
 
 @pytest.mark.parametrize("command", [c for c, e in REGISTRY.items() if isinstance(e, Service)])

@@ -285,3 +285,27 @@ def test_hf_folder_helpers_agree_on_what_an_export_is(tmp_path: Path) -> None:
     assert hf_folder.is_model_folder(out)
     assert json.loads((out / "config.json").read_text())[hf.TOKENIZER_KEY] == "byte"
     assert pretrained.read_source(str(out)).tokenizer.name == "byte"
+
+
+def test_a_dry_run_plans_the_source_model_not_the_preset(tmp_path: Path, monkeypatch) -> None:
+    from minigpt.config import Config
+    from minigpt.model import GPT
+    from minigpt.plan import plan_run
+
+    folder = save_folder(hf_model(), tmp_path / "gpt")
+    source = pretrained.read_source(str(folder)).config
+    plan = plan_run(Config(init_from=str(folder)), world_size=1)
+    assert plan.params == GPT.param_count_formula(source) and plan.note == ""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    unknown = plan_run(Config(init_from="someone/not-cached"), world_size=1)
+    assert "init_from=someone/not-cached is not here" in unknown.describe()
+
+
+def test_init_from_a_minigpt_checkpoint_keeps_its_tokenizer_and_weights(tmp_path: Path) -> None:
+    tok = small_bpe()
+    ckpt = _ours(tmp_path, tok, 320)
+    init = pretrained.plan_init(str(ckpt), ModelConfig(), DataConfig(), [])
+    assert init.tokenizer.state() == tok.state() and init.gpt_config().vocab_size == 320
+    saved = weights.read_model_file(ckpt).tensors
+    assert all(torch.equal(init.weights()[k], saved[k]) for k in saved)
