@@ -31,8 +31,20 @@ GPT2_URLS = (
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
 )
-# Hub repos whose tokenizer.json gives GPT-2's ids: the fallback when tiktoken's files are absent.
-GPT2_HUB_REPOS = ("openai-community/gpt2", "gpt2")
+# Hub repos whose tokenizer.json gives GPT-2's ids (OpenAI's models, under both names): the
+# fallback when tiktoken's files are absent; any one in the local cache will do.
+GPT2_HUB_REPOS = (
+    "openai-community/gpt2",
+    "gpt2",
+    "openai-community/gpt2-medium",
+    "gpt2-medium",
+    "openai-community/gpt2-large",
+    "gpt2-large",
+    "openai-community/gpt2-xl",
+    "gpt2-xl",
+    "distilbert/distilgpt2",
+    "distilgpt2",
+)
 
 
 class Tokenizer(ABC):
@@ -246,7 +258,7 @@ def _gpt2_unavailable(tiktoken_installed: bool) -> str:
     )
     return (
         f"data.tokenizer=gpt2 needs {where}, or GPT-2's tokenizer.json in the Hugging Face cache "
-        f"(checked {' and '.join(GPT2_HUB_REPOS)}); use data.tokenizer=byte or bpe"
+        "(that of gpt2 or any OpenAI GPT-2 model); use data.tokenizer=byte or bpe"
     )
 
 

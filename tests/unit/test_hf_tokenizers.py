@@ -322,3 +322,12 @@ def test_gpt2_prefers_tiktoken_when_its_files_are_cached(
     assert GPT2Tokenizer().backend == "tiktoken"
     monkeypatch.setattr(tokenizer_mod, "gpt2_files_cached", lambda: False)
     assert GPT2Tokenizer().backend == "hf-cache"
+
+
+def test_gpt2_falls_back_to_any_openai_model_in_the_cache(gpt2_json, tmp_path, monkeypatch) -> None:
+    """A compute node that fetched only gpt2-medium still has GPT-2's ids."""
+    put_in_hub_cache(tmp_path / "hub", gpt2_json, repo="openai-community/gpt2-medium")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(tokenizer_mod, "gpt2_files_cached", lambda: False)
+    monkeypatch.setattr(tokenizer_mod, "can_reach", lambda url, timeout=3.0: False)
+    assert GPT2Tokenizer().backend == "hf-cache"

@@ -139,7 +139,7 @@ def test_gpt2_error_says_the_hugging_face_cache_was_checked(tmp_path, monkeypatc
     monkeypatch.setattr(tokenizer_mod, "can_reach", lambda url, timeout=3.0: False)
     with pytest.raises(ConfigError, match="Hugging Face cache") as info:
         build_tokenizer("gpt2", None, 0)
-    assert "openai-community/gpt2" in str(info.value) and "\n" not in str(info.value)
+    assert "any OpenAI GPT-2 model" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_gpt2_fails_fast_or_round_trips_on_this_machine(tmp_path, monkeypatch) -> None:
