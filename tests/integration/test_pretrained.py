@@ -13,7 +13,7 @@ import torch
 
 from minigpt import checkpoint, hf_tokenizers
 from minigpt.tokenizer import BPETokenizer
-from tests.conftest import ALPHABET_LINE, run_command, run_entry, text_data_args
+from tests.conftest import ALPHABET_LINE, run_command, run_entry, run_torchrun, text_data_args
 
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[dev]'")
 
@@ -198,3 +198,22 @@ def test_exporting_a_bias_free_model_is_refused(tmp_path: Path, alphabet_corpus:
         [sys.executable, "-m", "minigpt.export", str(ckpt), "--format", "minigpt"], cwd=tmp_path
     )
     assert ours.returncode == 0 and ours.stdout.strip().endswith("last.minigpt.safetensors")
+
+
+@pytest.mark.distributed
+def test_two_ranks_start_from_the_source_or_refuse_together(
+    tmp_path: Path, alphabet_corpus: Path
+) -> None:
+    """Rank 0 reads init_from first and tells the others; each then loads it."""
+    source = gpt2_folder(tmp_path / "src")
+    run = tmp_path / "run"
+    args = train_args(source, alphabet_corpus, run, "train.max_steps=2", "train.eval_every=0")
+    result = run_torchrun(2, "train.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "train.log").read_text().count("initialised from") == 1
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    bad_args = train_args(source, alphabet_corpus, tmp_path / "bad", "model.n_layer=3")
+    bad = run_torchrun(2, "train.py", *bad_args, cwd=tmp_path)
+    assert bad.returncode != 0, bad.stderr[-3000:]  # torchrun adds its own traceback
+    assert "model.n_layer=3 (you set it) conflicts" in bad.stderr
+    assert not (tmp_path / "bad").exists()

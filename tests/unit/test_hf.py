@@ -309,3 +309,39 @@ def test_init_from_a_minigpt_checkpoint_keeps_its_tokenizer_and_weights(tmp_path
     assert init.tokenizer.state() == tok.state() and init.gpt_config().vocab_size == 320
     saved = weights.read_model_file(ckpt).tensors
     assert all(torch.equal(init.weights()[k], saved[k]) for k in saved)
+
+
+def _break_json(folder: Path) -> None:
+    (folder / "config.json").write_text("{not json")
+
+
+def _drop_weights(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _index_outside(folder: Path) -> None:
+    index = {"weight_map": {"transformer.wte.weight": "../../etc/passwd"}}
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _claim_more_layers(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 48}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (_break_json, "config.json is not readable JSON"),
+        (_drop_weights, "holds no weights: expected model.safetensors"),
+        (_index_outside, "names '../../etc/passwd', not a file of the folder"),
+        (_claim_more_layers, "the config implies"),
+    ],
+)
+def test_a_damaged_folder_is_refused_in_one_line(tmp_path: Path, damage: Any, words: str) -> None:
+    folder = save_folder(hf_model(), tmp_path / "gpt")
+    damage(folder)
+    with pytest.raises(CheckpointError) as err:
+        pretrained.read_source(str(folder))
+    assert words in str(err.value) and "\n" not in str(err.value)
