@@ -45,6 +45,13 @@ def model_config_from_hf(config: Any, where: str) -> dict[str, Any]:
             f"{where}: model_type={model_type!r} is not GPT-2; minigpt reads GPT-2-architecture "
             "models only (model_type gpt2)"
         )
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise CheckpointError(
+            f"{where}: the weights are quantized (quantization_config: {method}); minigpt reads "
+            "full-precision GPT-2 weights: give the model it was quantized from"
+        )
     differences = _differences(config)
     if differences:
         key, value = differences[0]

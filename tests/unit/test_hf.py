@@ -210,6 +210,10 @@ def test_export_replaces_only_its_own_folder_and_only_with_force(tmp_path: Path)
         ({"n_inner": 48}, "n_inner=48 is not GPT-2's"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
         ({"model_type": "llama"}, "model_type='llama' is not GPT-2"),
+        (
+            {"quantization_config": {"quant_method": "gptq"}},
+            "quantized (quantization_config: gptq)",
+        ),
     ],
 )
 def test_an_architecture_we_cannot_express_is_refused_in_one_line(
