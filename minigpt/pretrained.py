@@ -192,7 +192,7 @@ class Init:
     def describe(self) -> str:
         """``gpt2 (124.4M parameters, tokenizer gpt2)``, for the console and the log."""
         count = GPT.param_count_formula(self.gpt_config()) / 1e6
-        return f"{self.source} ({count:.1f}M parameters, tokenizer {self.tokenizer.name})"
+        return f"{self.source} ({count:.2f}M parameters, tokenizer {self.tokenizer.name})"
 
     def gpt_config(self) -> GPTConfig:
         return self.model.gpt_config(self.tokenizer.vocab_size)
