@@ -71,7 +71,10 @@ def source_kind(spec: str, key: str = "checkpoint") -> str:
     if path.is_dir():
         message = checkpoint.describe_folder(path, key)
         raise CheckpointError(
-            message.replace("or a .safetensors export", "a .safetensors export or a model folder")
+            message.replace(
+                "(.pt) or a .safetensors export",
+                "(.pt), a .safetensors export or a Hugging Face model folder (with config.json)",
+            )
         )
     checkpoint.require_file(path, key=key)
     return "file"

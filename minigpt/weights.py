@@ -291,8 +291,8 @@ def read_model_file(path: str | os.PathLike[str], device: str | torch.device = "
     found = checkpoint.sniff(path)
     if found.kind == "other":
         raise CheckpointError(
-            f"{path} is not a model file: it is {found.what}; give a checkpoint (.pt) or a "
-            ".safetensors export"
+            f"{path} is not a model file: it is {found.what}; give a checkpoint (.pt), a "
+            ".safetensors export or a model folder"
         )
     if found.kind == "safetensors" or (found.kind != "torch" and path.suffix == ".safetensors"):
         return read_safetensors(path, device)

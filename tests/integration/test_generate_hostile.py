@@ -298,7 +298,7 @@ def test_a_text_file_as_checkpoint_is_named_for_what_it_is(tmp_path: Path) -> No
     assert_one_line_error(
         result,
         f"error: {notes} is not a model file: it is a text file (it starts 'TODO: train the "
-        "model'); give a checkpoint (.pt) or a .safetensors export",
+        "model'); give a checkpoint (.pt), a .safetensors export or a model folder",
     )
 
 
