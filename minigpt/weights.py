@@ -31,7 +31,7 @@ import torch
 from minigpt import checkpoint
 from minigpt.checkpoint import CheckpointError
 from minigpt.config import ConfigError, ModelConfig
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, skip_init
 from minigpt.tokenizer import Tokenizer, tokenizer_from_state
 
 SAFETENSORS_FORMAT = "minigpt-safetensors"
@@ -111,7 +111,7 @@ def _check_tensors(
     where: str, config: GPTConfig, shapes: dict[str, Shape], dtypes: dict[str, bool]
 ) -> None:
     """Every tensor the model has, of its shape and floating, and no other."""
-    with torch.device("meta"):  # names and shapes without allocating: the count matched
+    with torch.device("meta"), skip_init():  # names and shapes, nothing allocated or drawn
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     # Without the embedding there is no tied head either: name the one tensor to look for.
     missing = [k for k in expected if k not in shapes and (k != TIED or EMBEDDING in shapes)]
@@ -312,7 +312,8 @@ def load_model(
 
 def build_model(found: ModelFile, where: Any, device: str | torch.device = "cpu") -> GPT:
     """The model of a checked model file, in eval mode on ``device``."""
-    model = GPT(found.config)
+    with skip_init():  # every weight is the file's
+        model = GPT(found.config)
     try:
         model.load_state_dict(found.tensors)  # names, shapes and dtypes are checked by now
     except RuntimeError as err:  # a tensor kind no check foresaw: still the file's fault

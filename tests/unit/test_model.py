@@ -233,3 +233,18 @@ def test_tiny_model_overfits_a_fixed_batch():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(50), rel=0.1)  # GPT-2 init predicts ~uniformly
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_skip_init_draws_nothing_and_puts_the_initialisers_back() -> None:
+    from minigpt.model import skip_init
+
+    config = GPTConfig(n_layer=1, n_head=2, d_model=8, block_size=4, vocab_size=16)
+    normal = torch.nn.init.normal_
+    with torch.device("meta"), skip_init():
+        shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    assert torch.nn.init.normal_ is normal
+    before = torch.random.get_rng_state()
+    with skip_init():
+        GPT(config)
+    assert torch.equal(torch.random.get_rng_state(), before)  # not one random number drawn
+    assert shapes == {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
