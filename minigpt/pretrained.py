@@ -155,9 +155,7 @@ def hub_folder(name: str, key: str) -> Path:
 
 def _fetch_weights(name: str, fetch: Any) -> list[Path]:
     """One layout of weights: safetensors (one file or shards), else the pickled .bin."""
-    from minigpt.hf_folder import PICKLED_WEIGHTS, WEIGHT_FILES
-
-    for filename in WEIGHT_FILES + PICKLED_WEIGHTS:
+    for filename in hf_folder.WEIGHT_FILES + hf_folder.PICKLED_WEIGHTS:
         path = fetch(filename)
         if path is None:
             continue
