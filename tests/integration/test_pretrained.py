@@ -120,11 +120,9 @@ def test_a_resumed_fine_tune_continues_its_own_weights(
 @pytest.mark.parametrize(
     ("config", "extra", "needles"),
     [
-        ({}, ["model.n_layer=4"], ["model.n_layer=4 (you set it) conflicts", "n_layer is 2"]),
-        ({}, ["model=small"], ["(model=small sets it) conflicts"]),
-        ({}, ["model.block_size=65"], ["more than the 64 positions"]),
+        # One of each kind through train.py; tests/unit/test_hf.py has every case of each.
+        ({}, ["model=small"], ["model.n_layer=6 (model=small sets it) conflicts", "n_layer is 2"]),
         ({}, ["data.tokenizer=gpt2"], ["data.tokenizer=gpt2 conflicts", "tokenizer is hf"]),
-        ({"model_type": "llama"}, [], ["model_type='llama' is not GPT-2"]),
         ({"activation_function": "relu"}, [], ["activation_function='relu' is not GPT-2's"]),
     ],
 )
