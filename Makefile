@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 ARGS ?=
 # The suite runs on 2 pytest-xdist workers (a test file, or the SLURM tests, per worker; see
-# tests/conftest.py); PYTEST_JOBS= runs it in one process.
-PYTEST_JOBS ?= -n 2 --dist loadgroup
+# tests/conftest.py), the longest groups handed out first (--no-loadscope-reorder keeps the
+# order conftest.py gives); PYTEST_JOBS= runs it in one process.
+PYTEST_JOBS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 STAMP := $(VENV)/.minigpt-setup
 
 .PHONY: train test lint env

@@ -175,3 +175,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+    # The longest groups first (the SLURM jobs, then the README's commands): handed out last,
+    # one of them would run alone at the end while the other worker idles.
+    items.sort(key=lambda item: _start_rank(item))
+
+
+def _start_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("slurm"):
+        return 0
+    return 1 if item.nodeid.startswith("tests/docs/") else 2
