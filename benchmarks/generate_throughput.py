@@ -1,11 +1,11 @@
 """Generation speed of minigpt.sample.generate, with and without the KV cache.
 
     python benchmarks/generate_throughput.py           # 500 and 200 tokens, batch 1 and 8
-    python benchmarks/generate_throughput.py --tokens 500 --batch 1
+    python benchmarks/generate_throughput.py --tokens 1000 --batch 1 --model mini
 
-A randomly initialised ``model=small`` (block 256, byte vocabulary), greedy decoding from a
-16-token prompt. Past block_size the sampler re-prefills the whole window at every step, with or
-without the cache (so both give the same tokens), which caps the cache's gain at 500 tokens.
+A randomly initialised model (``model=small`` by default: block 256, byte vocabulary), greedy
+decoding from a 16-token prompt. Past block_size the window keeps its newest half, with or
+without the cache (so both give the same tokens): the cache re-fills once per half window.
 """
 
 from __future__ import annotations

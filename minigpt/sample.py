@@ -123,13 +123,14 @@ def generate(
     each step runs under `torch.inference_mode`, switched off again around each `yield` so
     it never leaks into the caller's code.
 
-    The model always conditions on the last block_size tokens, with or without the cache: the
-    cache is a speed-up that never changes the output (greedy decoding gives identical tokens
-    both ways). Past block_size, learned absolute positions mean no cached key can be reused
-    once the window slides, so on overflow the cache is reset and re-prefilled with the last
-    block_size tokens -- the same work as the uncached path. Re-prefilling fewer tokens (say
-    block_size // 2) would be cheaper but would condition on less context than the uncached
-    path and change the tokens.
+    The context window follows one rule, with or without the cache, so the cache is a speed-up
+    that never changes the output (greedy decoding gives identical tokens both ways): it grows
+    to block_size tokens; when one more token would not fit, it keeps its newest half
+    (:func:`window_after`) and grows again. Learned absolute positions mean no cached key
+    survives a cut, so the cache is re-filled once per half window, not once per token as a
+    window that slides by one would need (at 1,000 tokens past a 128-token context that is
+    what makes the cache pay). The price: right after a cut the model sees half a window of
+    context, where a sliding window would show it a whole one.
     """
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise ValueError(
@@ -176,10 +177,16 @@ def _advance(
     pick: Callable[[torch.Tensor], torch.Tensor],
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose the next token and append it to the context window (kept to block_size)."""
+    """Choose the next token and append it to the context window (see :func:`window_after`)."""
     token = pick(logits)
-    context = torch.cat([context, token[:, None]], dim=1)[:, -block_size:]
-    return context, token
+    context = torch.cat([context, token[:, None]], dim=1)
+    return context[:, -window_after(context.size(1), block_size) :], token
+
+
+def window_after(length: int, block_size: int) -> int:
+    """How many of the newest ``length`` tokens the model conditions on: all of them while they
+    fit in block_size; once they do not, the newest half of the window."""
+    return length if length <= block_size else max(1, block_size // 2)
 
 
 @torch.inference_mode()
@@ -187,9 +194,9 @@ def _next_logits(model: GPT, context: torch.Tensor, cache: KVCache | None) -> to
     """Logits for the token after `context`, whose last token is not yet in the cache."""
     if cache is None:
         logits, _ = model(context)
-    elif cache.length < model.config.block_size:
+    elif cache.length == context.size(1) - 1:  # the window grew by the one new token
         logits, _ = model(context[:, -1:], kv_cache=cache)
-    else:  # the cache is full: the window slides, so every position shifts (see `generate`)
+    else:  # the window was cut to its newest half: every position moved (see `generate`)
         cache.reset()
         logits, _ = model(context, kv_cache=cache)
     return logits[:, -1]

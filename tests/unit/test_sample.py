@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sample import MAX_HELD_TOKENS, _stream, generate, greedy_next, sample_next
+from minigpt.sample import (
+    MAX_HELD_TOKENS,
+    _stream,
+    generate,
+    greedy_next,
+    sample_next,
+    window_after,
+)
 from minigpt.tokenizer import ByteTokenizer
 
 VOCAB = 50
@@ -171,16 +178,34 @@ def test_greedy_generation_is_identical_with_and_without_cache(prompt_len):
     assert torch.equal(cached, uncached)
 
 
-def test_uncached_generation_conditions_on_the_last_block_size_tokens():
+def test_the_window_grows_to_block_size_then_keeps_its_newest_half():
+    assert [window_after(n, 16) for n in (1, 15, 16, 17)] == [1, 15, 16, 8]
+    assert window_after(2, 1) == 1  # a window of one token keeps that token
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generation_conditions_on_the_window_the_rule_gives(use_cache):
     model = context_sensitive_model().eval()
     prompt = prompt_tokens(1, 10)
-    tokens = collect(model, prompt, 20, greedy=True, use_cache=False)
-    context = torch.cat([prompt, tokens], dim=1)
+    tokens = collect(model, prompt, 30, greedy=True, use_cache=use_cache)
+    context = prompt
     with torch.no_grad():
         for i in range(tokens.size(1)):
-            window = context[:, : prompt.size(1) + i][:, -16:]
-            expected = model(window)[0][:, -1].argmax(dim=-1)
+            expected = model(context)[0][:, -1].argmax(dim=-1)
             assert torch.equal(tokens[:, i], expected), f"step {i}"
+            context = torch.cat([context, tokens[:, i : i + 1]], dim=1)
+            context = context[:, -window_after(context.size(1), 16) :]
+
+
+def test_the_cache_is_refilled_once_per_half_window_not_per_token():
+    model = context_sensitive_model().eval()
+    lengths: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].size(1)))
+    collect(model, prompt_tokens(1, 10), 30, greedy=True, use_cache=True)
+    # Prefill 10; the window fills at 16 and is cut to 8 three times in 30 tokens (after 7,
+    # 16 and 25 of them): each cut re-fills 8 positions once, every other step feeds one token.
+    assert [n for n in lengths if n > 1] == [10, 8, 8, 8]
+    assert len(lengths) == 30
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
