@@ -121,11 +121,13 @@ def _tokenizer_state(
     if kind in ("byte", "gpt2") or (gpt2_tokenizer and kind is None):
         return {"kind": kind or "gpt2"}
     try:
+        if kind == "bpe":  # trained by minigpt: the same state it had, so a resume matches it
+            return {"kind": "bpe", "json": (folder / "tokenizer.json").read_text(encoding="utf-8")}
         tok = hf_tokenizers.tokenizer_from_folder(folder, config.get("eos_token_id"))
-    except ValueError as err:
+    except ValueError as err:  # the bpe kind is built once, by check_model, from its state
         raise CheckpointError(str(err)) from None
-    if kind == "bpe":  # trained by minigpt: the same state it had, so a resume matches it
-        return {"kind": "bpe", "json": (folder / "tokenizer.json").read_text(encoding="utf-8")}
+    except OSError as err:
+        raise CheckpointError(f"{where}: tokenizer.json is not readable ({err})") from None
     return tok.state()
 
 
