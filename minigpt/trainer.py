@@ -181,7 +181,7 @@ class Trainer:
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
         runtime.check_fits(gpt_cfg, self.device)
         self.model = GPT(gpt_cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.compile)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         world_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
         self.sampler = BatchSampler(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from minigpt import optim
 from minigpt.config import OptimizerConfig
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import build_optimizer, lr_at, schedule_change, warmup_warning
@@ -40,7 +44,7 @@ def test_no_warmup_starts_at_lr() -> None:
 
 def test_weight_decay_applies_to_matrices_only() -> None:
     model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=32))
-    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.1), "cpu")
+    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.1))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
@@ -76,3 +80,50 @@ def test_raising_max_steps_at_resume_names_the_lr_before_and_after(
     assert before == pytest.approx(1e-4) and after > 8e-4
     assert f"is {after:.3g}, where the checkpoint's schedule had {before:.3g}" in note
     assert schedule_change(60, (opt_cfg, 200), (opt_cfg, 200)) is None
+
+
+def _trained(optimizer_cls: type, steps: int = 5, **kwargs: object) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=32))
+    opt = optimizer_cls(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
+    x = torch.randint(0, 32, (4, 8))
+    for _ in range(steps):
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()] + [
+        t for s in opt.state_dict()["state"].values() for t in s.values()
+    ]
+
+
+def test_the_eager_adamw_updates_exactly_as_torch_adamw() -> None:
+    """Our AdamW only skips torch's dynamo graph break: weights and moments stay bit-identical."""
+    for fused in (True, False):
+        ours = _trained(optim.AdamW, fused=fused)
+        torch_s = _trained(torch.optim.AdamW, fused=fused)
+        assert all(torch.equal(a, b) for a, b in zip(ours, torch_s, strict=True))
+
+
+def test_an_eager_run_never_imports_torch_dynamo() -> None:
+    """Building the optimizer, stepping, zeroing and saving it must not pull in torch._dynamo
+    (a second of start-up); with train.compile the optimizer is torch's own."""
+    code = (
+        "import sys, torch\n"
+        "from minigpt.config import OptimizerConfig\n"
+        "from minigpt.model import GPT, GPTConfig\n"
+        "from minigpt.optim import build_optimizer\n"
+        "m = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=32))\n"
+        "o = build_optimizer(m, OptimizerConfig())\n"
+        "x = torch.randint(0, 32, (2, 8))\n"
+        "m(x, x)[1].backward(); o.step(); o.zero_grad(); o.load_state_dict(o.state_dict())\n"
+        "print(type(o).__module__, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["minigpt.optim", "False"]
+    compiled = build_optimizer(
+        GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8)), OptimizerConfig(), True
+    )
+    assert type(compiled) is torch.optim.AdamW
