@@ -258,8 +258,8 @@ class Trainer:
         path, ckpt = self._choose_checkpoint()
         if path is None:
             return None
-        if ckpt is None:
-            ckpt = checkpoint.load(path, map_location=self.device)
+        if ckpt is None:  # on the host: load_state_dict copies each tensor to the model's device,
+            ckpt = checkpoint.load(path, map_location="cpu")  # not the whole file to the GPU first
         runfolder.check_resumable(
             ckpt, path, asdict(self.model.config), self.corpus.tokenizer.state()
         )
@@ -288,9 +288,7 @@ class Trainer:
         path, ckpt, refusal = None, None, None
         if self.dist.is_main:
             try:
-                path, ckpt = runfolder.start_from(
-                    self.cfg.resume, self.run_dir, self._say, self.device
-                )
+                path, ckpt = runfolder.start_from(self.cfg.resume, self.run_dir, self._say)
             except (ConfigError, checkpoint.CheckpointError) as err:
                 refusal = str(err)
         chosen = distributed.broadcast_object((str(path) if path else None, refusal), self.dist)
@@ -472,9 +470,11 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optimizer.grad_clip or math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        if math.isfinite(norm) or self.scaler.is_enabled():
+        finite = math.isfinite(norm)
+        if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # GradScaler skips non-finite fp16 steps itself
-            self.scaler.update()
+            self.scaler.update()  # (and lowers its scale): skipped all the same, counted below
+        if finite:
             self.state.bad_steps = 0
         else:
             self.state.bad_steps += 1
@@ -662,7 +662,7 @@ def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> No
     torch.set_rng_state(state["torch"].cpu())
     if "numpy" in state:
         kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "python" in state:
         version, internal, gauss_next = state["python"]
         random.setstate((version, tuple(internal), gauss_next))

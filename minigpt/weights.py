@@ -306,7 +306,7 @@ def load_model(
 
     Any damaged or hostile file is a CheckpointError, never a traceback.
     """
-    found = read_model_file(path, device)
+    found = read_model_file(path)  # on the host: a training checkpoint's optimizer state too
     return build_model(found, path, device), found.tokenizer, found.state
 
 
