@@ -23,10 +23,45 @@ import torch
 
 from minigpt.config import DEFAULT_CACHE_DIR
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
-DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L40S": 362e12}
+# Dense (no sparsity) peaks from the vendors' datasheets, in FLOP/s (H100/H200: the SXM parts).
+# bf16/fp16 on tensor cores; float32 matmuls on TF32 tensor cores where torch allows TF32
+# (torch.set_float32_matmul_precision("high"); not by default), else on the plain FP32 units,
+# 7x slower on a Hopper: measuring a float32 run against the TF32 figure understated its MFU 7x.
+# The most specific name wins: "NVIDIA H100 PCIe" is the PCIe part, "NVIDIA H100 80GB HBM3" SXM.
+DATASHEET_PEAK = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "V100": 125e12,
+    "L40S": 362e12,
+}
+DATASHEET_TF32 = {  # V100: none
+    "H100 PCIe": 378e12,
+    "H100 NVL": 418e12,
+    "H200 NVL": 418e12,
+    "H100": 494e12,
+    "H200": 494e12,
+    "A100": 156e12,
+    "L40S": 183e12,
+}
+DATASHEET_FP32 = {
+    "H100 PCIe": 51e12,
+    "H100 NVL": 60e12,
+    "H200 NVL": 60e12,
+    "H100": 67e12,
+    "H200": 67e12,
+    "A100": 19.5e12,
+    "V100": 15.7e12,
+    "L40S": 91.6e12,
+}
 CACHE_FILE = "peak_flops.json"
 MATMUL_N = 1024  # large enough to run at the vector units' speed, small enough to warm fast
+# A GPU finishes a 1024² matmul in microseconds, launch included: timed alone it read a fraction
+# of the GPU's peak (and MFU several times too high). 8192² keeps its tensor cores busy.
+GPU_MATMUL_N = 8192
 
 
 def machine_cache_dir() -> Path:
@@ -45,10 +80,9 @@ def peak_flops(
     read back from there by every later run with the same hardware, threads, dtype and torch.
     """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in DATASHEET_PEAK.items():
-            if key in name:
-                return (peak if dtype != torch.float32 else peak / 2), f"datasheet {key}"
+        known = datasheet_peak(torch.cuda.get_device_name(device), dtype)
+        if known is not None:
+            return known
     key = machine_key(device, dtype)
     path = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     cached = read_cache(path).get(key) if path is not None else None
@@ -66,15 +100,40 @@ def peak_flops(
     return flops, f"{source}, cached {path}"
 
 
+def datasheet_peak(gpu_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """The datasheet's peak for matmuls in ``dtype`` on the GPU named ``gpu_name``, and its
+    source; None for a GPU not listed (its peak is then measured)."""
+    key = next(
+        (key for key in sorted(DATASHEET_PEAK, key=len, reverse=True) if key in gpu_name), None
+    )
+    if key is None:
+        return None
+    if dtype != torch.float32:
+        return DATASHEET_PEAK[key], f"datasheet {key}"
+    if key in DATASHEET_TF32 and tf32_matmuls():
+        return DATASHEET_TF32[key], f"datasheet {key} TF32"
+    return DATASHEET_FP32[key], f"datasheet {key} FP32"
+
+
+def tf32_matmuls() -> bool:
+    """Whether torch lets cuBLAS run float32 matmuls on TF32 tensor cores (off by default)."""
+    with contextlib.suppress(AttributeError, RuntimeError):  # torch >= 2.9 reads either API's
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    with contextlib.suppress(RuntimeError):
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return False
+
+
 def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int = MATMUL_N, seconds: float = 1.5
+    device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 1.5
 ) -> float:
     """FLOP/s of an n×n matmul in ``dtype``: the fastest of the single matmuls timed over
-    ``seconds``, after a warm-up of a sixth of that.
+    ``seconds``, after a warm-up of a sixth of that (n: MATMUL_N on CPU, GPU_MATMUL_N on GPU).
 
     The fastest, not the mean: other work on the machine only ever slows a matmul down, so on a
     busy machine the best of many short timings is the one that comes back the same.
     """
+    n = n or (GPU_MATMUL_N if device.type == "cuda" else MATMUL_N)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     _timings(a, b, device, seconds / 6)  # clocks, caches, the library's thread pool

@@ -35,9 +35,20 @@ def resolve_dtype(name: str, device_type: str, d_model: int | None = None) -> to
     if name != "auto":
         return DTYPES[name]
     if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     wide = d_model is None or d_model >= CPU_BF16_MIN_WIDTH
     return torch.bfloat16 if wide and cpu_has_fast_bf16() else torch.float32
+
+
+def cuda_has_native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 itself (Ampere, sm_80, and newer; ROCm GPUs).
+
+    Not ``torch.cuda.is_bf16_supported()``: it also says yes where bf16 is only emulated
+    (V100, T4; ``including_emulation=True`` is its default), many times slower than fp16 there.
+    """
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability()[0] >= 8
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_SUITE = ROOT / "tests" / "gpu"
 ALPHABET_LINE = "abcdefghijklmnopqrstuvwxyz\n"
 
 
@@ -166,6 +168,28 @@ def _share_of_the_cores() -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/gpu is collected only when asked for: by its path (``pytest tests/gpu``, one of its
+    files or tests) or by ``-m gpu``. CI and ``make test`` have no GPU, and there a test must
+    never skip silently, so they do not see the GPU suite at all."""
+    inside = collection_path == GPU_SUITE or GPU_SUITE in collection_path.parents
+    if inside and not _gpu_suite_asked_for(config):
+        return True
+    return None
+
+
+def _gpu_suite_asked_for(config: pytest.Config) -> bool:
+    # -m gpu, -m "gpu and not slow", -m "slow or gpu"; not -m "not gpu".
+    if re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
+        return True
+    start = Path(config.invocation_params.dir)
+    for arg in config.args:
+        path = (start / arg.split("::")[0]).resolve()
+        if path == GPU_SUITE or GPU_SUITE in path.parents:
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -299,6 +299,10 @@ def _wandb_sync(runs: int) -> Run:
 
 TINY_GPT2 = "tiny-gpt2"  # a transformers GPT-2 saved in the clone: stands for the Hub's gpt2
 HF_EXPORT = "outputs/my_run/hf"
+WHEELHOUSE_BUILD = (
+    "python scripts/wheelhouse.py --python-version 3.12 --platform manylinux_2_28_x86_64 "
+    "--out wheelhouse"
+)
 
 
 def _make_tiny_gpt2(folder: Path) -> None:
@@ -325,6 +329,53 @@ def _check_initialised_from(block_size: int) -> Callable[[list[Path]], None]:
         assert "initialised from tiny-gpt2" in (run_dir / "train.log").read_text()
 
     return check
+
+
+STAND_INS = "wheelhouse-stand-ins"  # a package index and GPT-2's tokenizer, as local folders
+# minigpt's requirements the stock image lacks, and one dependency it has (numpy, left out)
+STAND_IN_WHEELS = {
+    "hydra-core": ("1.3.8", ["omegaconf>=2.2", "numpy"]),
+    "omegaconf": ("2.3.1", []),
+    "hydra-submitit-launcher": ("1.2.0", ["hydra-core>=1.1", "submitit>=1.3.3"]),
+    "submitit": ("1.5.4", []),
+    "wandb": ("0.31.0", []),
+    "datasets": ("5.2.0", ["numpy>=1.17"]),
+    "numpy": ("2.5.2", []),
+}
+
+
+def _make_wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
+    """A pure-python wheel holding only its metadata: what pip needs to resolve and install."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {
+        f"{dist}.dist-info/METADATA": "\n".join(
+            ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+            + [f"Requires-Dist: {r}" for r in requires]
+        )
+        + "\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = f"{dist}.dist-info/RECORD"
+    files[record] = "".join(f"{path},,\n" for path in [*files, record])
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
+
+
+def _make_wheelhouse_stand_ins(folder: Path) -> None:
+    """index/: stand-in wheels of the packages the wheelhouse resolves; gpt2/: a tokenizer.json
+    of GPT-2's size (50257 ids, <|endoftext|> last), with a weights file that must stay behind."""
+    from tokenizers import Tokenizer, models
+
+    (folder / "index").mkdir(parents=True)
+    for name, (version, deps) in STAND_IN_WHEELS.items():
+        _make_wheel(folder / "index", name, version, deps)
+    (folder / "gpt2").mkdir()
+    vocab = {f"t{i}": i for i in range(50256)} | {"<|endoftext|>": 50256}
+    Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(folder / "gpt2" / "tokenizer.json"))
+    (folder / "gpt2" / "model.safetensors").write_bytes(b"weights")
 
 
 def _check_transformers_loads_the_export(clone: Path) -> None:
@@ -522,6 +573,53 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         check=_check_slurm_tests_in_suite,
     ),
     "scripts/slurm_cluster.sh status": Run(tiny=(), expect=("PARTITION",), marks=SLURM),
+    # Air-gapped GPU nodes
+    WHEELHOUSE_BUILD: Run(
+        tiny=(),
+        append=("--gpt2-tokenizer", f"{STAND_INS}/gpt2"),
+        env=(
+            ("PIP_CONFIG_FILE", os.devnull),
+            ("PIP_NO_INDEX", "1"),
+            ("PIP_FIND_LINKS", f"{STAND_INS}/index"),
+        ),
+        needs=(STAND_INS,),
+        expect=(
+            r"^resolving hydra-core>=1\.3, .*, datasets>=4\.0 for Python 3\.12,",
+            r"^total \d+\.\d MB \(limit 40 MB\), 6 wheels; no torch, triton or nvidia-\* wheel$",
+            r"^relies on the image's numpy 2\.5\.2 ",
+        ),
+        files=(
+            "wheelhouse/hydra_core-1.3.8-py3-none-any.whl",
+            "wheelhouse/requirements.txt",
+            "wheelhouse/hf_hub/models--openai-community--gpt2/refs/main",
+            "wheelhouse/hf_hub/models--openai-community--gpt2/snapshots/*/tokenizer.json",
+        ),
+        timeout=120,
+        why="no package index or Hub here: pip reads a folder of stand-in wheels instead of the "
+        "index (PIP_NO_INDEX, PIP_FIND_LINKS) and GPT-2's tokenizer comes from a stand-in "
+        "folder (--gpt2-tokenizer appended); the stand-in numpy is the image's and stays out",
+    ),
+    "scripts/gpu_check.sh": Run(
+        tiny=(),
+        append=("--help",),
+        expect=(r"--dry-run", r"--wheelhouse DIR", r"--out DIR", r"outputs/gpu_check/"),
+        why="it needs a CUDA GPU and minutes: its --help names the options this README gives",
+    ),
+    "python3 -m pip install --no-index --find-links wheelhouse --no-deps --target "
+    "wheelhouse/site -r wheelhouse/requirements.txt": Run(
+        tiny=(),
+        needs=("wheelhouse",),
+        files=(
+            "wheelhouse/site/hydra_core-1.3.8.dist-info/METADATA",
+            "wheelhouse/site/datasets-5.2.0.dist-info/METADATA",
+        ),
+        expect=(r"Successfully installed .*hydra-core-1\.3\.8",),
+        timeout=120,
+        why="into the scratch clone, from the wheelhouse of stand-in wheels the README's build "
+        "command made there",
+    ),
+    "export PYTHONPATH=$PWD/wheelhouse/site HF_HUB_CACHE=$PWD/wheelhouse/hf_hub "
+    "HF_HUB_OFFLINE=1 WANDB_MODE=offline": Run(tiny=()),
     # Monitoring
     "python train.py logger=wandb": Run(
         append=(f"hydra.run.dir={RUN_DIR}",),
@@ -605,8 +703,10 @@ class Scratch:
         self.cache = root / "token-cache"
         self.clone.mkdir()
         self.home.mkdir()
+        # wheelhouse/: the README's build command makes its own in the clone
+        skip = {".git", ".venv", "outputs", "wheelhouse", ".pytest_cache", ".ruff_cache"}
         for entry in ROOT.iterdir():
-            if entry.name not in {".git", ".venv", "outputs", ".pytest_cache", ".ruff_cache"}:
+            if entry.name not in skip:
                 (self.clone / entry.name).symlink_to(entry)
         self.results: dict[str, Result] = {}
         self.run_dirs: dict[str, list[Path]] = {}  # the run folders each command made
@@ -676,6 +776,8 @@ class Scratch:
             (venv / ".minigpt-setup").touch()
         elif need == TINY_GPT2:
             _make_tiny_gpt2(self.clone / TINY_GPT2)
+        elif need == STAND_INS:
+            _make_wheelhouse_stand_ins(self.clone / STAND_INS)
         elif need == "prompt.py":
             (self.clone / "prompt.py").write_text("import os\n\n\ndef main(")
         elif need in PRODUCERS:
@@ -690,6 +792,7 @@ PRODUCERS = {
     RUN_DIR: "python train.py logger=wandb",
     "outputs/my_run": "python train.py hydra.run.dir=outputs/my_run train.max_steps=2000",
     HF_EXPORT: f"python -m minigpt.export outputs/my_run/checkpoints/best.pt {HF_EXPORT}",
+    "wheelhouse": WHEELHOUSE_BUILD,
     SWEEP_DIR: "python train.py -m model=tiny model.n_layer=1,2,3 train.max_steps=150 "
     "train.eval_every=50 'logger=[wandb,tensorboard]'",
 }

@@ -77,3 +77,21 @@ def test_an_unwritable_cache_still_gives_a_peak_and_says_so(
 def test_a_real_measurement_is_a_plausible_cpu_figure() -> None:
     flops = peak.measure_matmul_flops(CPU, torch.float32, n=256, seconds=0.1)
     assert 1e8 < flops < 1e14
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, (989e12, "datasheet H100")),
+        ("NVIDIA H100 PCIe", torch.bfloat16, (756e12, "datasheet H100 PCIe")),
+        ("NVIDIA H200 NVL", torch.float16, (835e12, "datasheet H200 NVL")),
+        ("NVIDIA H200", torch.float32, (67e12, "datasheet H200 FP32")),
+        ("NVIDIA GeForce RTX 4090", torch.bfloat16, None),
+    ],
+)
+def test_the_datasheet_peak_is_the_named_parts_own(
+    name: str, dtype: torch.dtype, expected: tuple[float, str] | None
+) -> None:
+    """A PCIe or NVL part is slower than the SXM one whose name it contains: MFU against the SXM
+    figure would read low. float32 is the plain FP32 rate unless torch allows TF32."""
+    assert peak.datasheet_peak(name, dtype) == expected
