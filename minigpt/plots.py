@@ -1,6 +1,7 @@
-"""The sweep report's figures: losses against steps and tokens, the learning rate, and the
-final val loss against each swept number (and against model size). Each function draws one PNG
-into ``out`` and returns its path, or None when the jobs hold nothing for it to show."""
+"""The sweep report's figures: losses against steps and tokens, the learning rate, the final
+val loss against each swept number (and against model size), and the scaling-law fits. Each
+function draws one PNG into ``out`` and returns its path, or None when the jobs hold nothing for
+it to show."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.jobs import Job
+from minigpt.scaling import EXTRAPOLATE, Budget, PowerLaw
 
 LOSS_VS_STEP = "loss_vs_step.png"
 LOSS_VS_TOKENS = "loss_vs_tokens.png"
@@ -236,6 +238,95 @@ def plot_val_loss_vs_swept(
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     path = out / swept_plot_name(key)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+SCALING_VS_PARAMS = "scaling_loss_vs_params.png"
+SCALING_VS_COMPUTE = "scaling_loss_vs_compute.png"
+ISOFLOP = "isoflop.png"
+
+
+def plot_power_law(
+    xs: list[float],
+    losses: list[float],
+    fit: PowerLaw,
+    out: Path,
+    name: str,
+    xlabel: str,
+    label: str = "final val loss (completed jobs)",
+) -> Path:
+    """The points, the fitted law through them (±1 standard error shaded), and the law carried
+    one decade past the largest point, dashed and labelled as an extrapolation. ``xlabel`` ends
+    with the variable's symbol (N, C), which the legend's formula uses."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(xs, losses, s=40, zorder=3, label=label)
+    inside = np.geomspace(fit.x_min, fit.x_max, 100)
+    beyond = np.geomspace(fit.x_max, fit.x_max * EXTRAPOLATE, 50)
+    symbol = xlabel.split()[-1]  # "non-embedding parameters N" -> N
+    e = f"{fit.e:.3g}" if fit.e > 1e-6 else "0"
+    law = f"fit: L = {e} + {fit.a:.3g}·{symbol}^(-{fit.alpha:.3g})"
+    ax.plot(inside, fit(inside), "-", color="C1", lw=1.5, label=law)
+    ax.plot(beyond, fit(beyond), "--", color="C1", lw=1.5, label="extrapolation, one decade out")
+    for span in (inside, beyond):
+        band = np.array([fit.predict_stderr(x) for x in span])
+        ax.fill_between(span, fit(span) - band, fit(span) + band, color="C1", alpha=0.15, lw=0)
+    ax.axvline(fit.x_max, color="0.6", lw=0.8, ls=":")
+    ax.annotate(
+        " extrapolated (not measured) →",
+        (fit.x_max, 0.02),
+        xycoords=("data", "axes fraction"),
+        fontsize=8,
+        color="0.4",
+    )
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(y=0.1)
+    _log_y(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final val loss (log scale)")
+    ax.set_title(f"Scaling fit: final val loss vs {xlabel} (shaded: ±1 s.e.)")
+    ax.legend(fontsize=8)
+    path = out / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_isoflop(budgets: list[Budget], out: Path) -> Path:
+    """Loss against size at each compute budget, the parabola in log N through each, and the
+    loss-optimal size marked (a star where the vertex lies among the sizes tried)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import EngFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, budget in enumerate(budgets):
+        color = plt.get_cmap("viridis")(i / max(1, len(budgets) - 1))
+        pts = sorted(budget.points, key=lambda p: p.n)
+        ns, losses = [p.n for p in pts], [p.loss for p in pts]
+        ax.plot(ns, losses, "o", color=color, label=f"C = {budget.compute:.2e} FLOPs")
+        curve = np.polyfit(np.log(ns), losses, 2)
+        span = np.geomspace(min(ns), max(ns), 100)
+        ax.plot(span, np.polyval(curve, np.log(span)), "-", color=color, lw=1)
+        if budget.n_opt is not None:
+            ax.plot(budget.n_opt, budget.loss_opt, "*", color=color, ms=14, mec="k")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.xaxis.set_minor_formatter(EngFormatter())  # a budget's sizes often span less than 10x
+    ax.margins(y=0.1)
+    _log_y(ax)
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final val loss (log scale)")
+    ax.set_title("IsoFLOP: loss vs size per compute budget (★ loss-optimal N)")
+    ax.legend(fontsize=8)
+    path = out / ISOFLOP
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from minigpt import plots
+from minigpt import plots, scaling
 from minigpt.cli import OneLineParser
 from minigpt.jobs import (
     Job,
@@ -122,8 +122,14 @@ def write_report(
     staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:
         figures, notes = _draw(jobs, staging)
-        (staging / REPORT_FILE).write_text(_markdown(path, jobs, figures, notes), encoding="utf-8")
-        written = [out / REPORT_FILE, *(out / p.name for p, _ in figures)]
+        fitted, section = _scaling(jobs, staging)
+        text = "\n".join([_markdown(path, jobs, figures, notes), *section])
+        (staging / REPORT_FILE).write_text(text, encoding="utf-8")
+        written = [
+            out / REPORT_FILE,
+            *(out / p.name for p, _ in figures),
+            *(out / p.name for p in fitted),
+        ]
         for final in written:
             os.replace(staging / final.name, final)
     finally:
@@ -149,6 +155,35 @@ def _draw(jobs: list[Job], out: Path) -> tuple[list[tuple[Path, str]], list[str]
         drawn.append((plots.plot_val_loss_vs_swept(jobs, out, key, values), title))
     drawn.append((plots.plot_val_loss_vs_params(jobs, out), "Final val loss vs model size"))
     return [(p, title) for p, title in drawn if p is not None], notes
+
+
+def _scaling(jobs: list[Job], out: Path) -> tuple[list[Path], list[str]]:
+    """The scaling-law section and its figures, for jobs that differ in size (else nothing)."""
+    found = scaling.points(jobs)
+    if len({p.n for p in found}) < 2:
+        return [], []
+    result = scaling.analyse(found)
+    drawn: dict[str, Path] = {}
+    if isinstance(result.by_params, scaling.PowerLaw):
+        xs, losses = [p.n for p in found], [p.loss for p in found]
+        drawn["N"] = plots.plot_power_law(
+            xs, losses, result.by_params, out, plots.SCALING_VS_PARAMS, "non-embedding parameters N"
+        )
+    if isinstance(result.by_compute, scaling.PowerLaw):
+        xs, losses = [b.compute for b in result.frontier], [b.loss_opt for b in result.frontier]
+        drawn["C"] = plots.plot_power_law(
+            xs,
+            losses,
+            result.by_compute,
+            out,
+            plots.SCALING_VS_COMPUTE,
+            "training FLOPs C",
+            "lowest final val loss at each budget",
+        )
+    if isinstance(result.isoflop, list):
+        drawn["isoflop"] = plots.plot_isoflop(result.isoflop, out)
+    names = {key: path.name for key, path in drawn.items()}
+    return list(drawn.values()), scaling.markdown(result, names)
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -354,3 +354,102 @@ def test_a_command_line_mistake_is_an_error_line_then_the_usage(
         report.main([])
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and err[0].startswith("error: ") and err[1].startswith("usage:")
+
+
+def test_a_grid_over_two_keys_draws_one_line_per_value_of_the_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    grid = [(lr, batch) for batch in (8, 16) for lr in ("1e-4", "1e-3", "1e-2")]
+    for i, (lr, batch) in enumerate(grid):
+        overrides = [f"optimizer.lr={lr}", f"train.batch_size={batch}"]
+        write_job(tmp_path / str(i), overrides=overrides, loss_scale=1 - 0.05 * i)
+    read = report.load_jobs(tmp_path)
+    values = jobs.swept_numbers(read)
+    kept: list[plt.Figure] = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    plots.plot_val_loss_vs_swept(read, tmp_path, "optimizer.lr", values["optimizer.lr"])
+    monkeypatch.undo()
+    (ax,) = kept[0].axes
+    finals = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    finals = {label: xs for label, xs in finals.items() if label.startswith("final")}
+    assert finals == {
+        "final, train.batch_size=8": [1e-4, 1e-3, 1e-2],
+        "final, train.batch_size=16": [1e-4, 1e-3, 1e-2],
+    }
+    plt.close(kept[0])
+
+
+def write_sized_job(
+    folder: Path, *, d_model: int, max_steps: int, loss: float, n_layer: int = 2
+) -> int:
+    """A completed job of a tiny model of width ``d_model`` with the run.json figures a scaling
+    fit reads (sizes, tokens seen, final loss); returns its non-embedding parameter count."""
+    write_job(folder, overrides=[f"model.d_model={d_model}", f"train.max_steps={max_steps}"])
+    vocab, block = 256, 64
+    blocks = n_layer * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+    info = json.loads((folder / "run.json").read_text())
+    info |= {
+        "config": {
+            "model": {"d_model": d_model, "block_size": block, "vocab_size": None},
+            "train": {"max_steps": max_steps},
+        },
+        "data": {"vocab_size": vocab},
+        "params": blocks + (vocab + block) * d_model,
+        "params_non_embedding": blocks + vocab * d_model,
+        "tokens_seen": max_steps * 1024,
+        "final_val_loss": loss,
+    }
+    (folder / "run.json").write_text(json.dumps(info))
+    return blocks
+
+
+def test_a_size_ladder_gets_fitted_scaling_laws_with_an_extrapolation(tmp_path: Path) -> None:
+    for i, d_model in enumerate((32, 64, 96, 128, 160)):
+        n = 2 * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+        write_sized_job(tmp_path / str(i), d_model=d_model, max_steps=200, loss=1.5 + 40 * n**-0.3)
+    _, written = report.write_report(tmp_path)
+    names = [p.name for p in written]
+    assert names[-2:] == [plots.SCALING_VS_PARAMS, plots.SCALING_VS_COMPUTE]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Scaling-law fits" in markdown and "### L(N) = E + A·N^(-α)" in markdown
+    alpha = next(line for line in markdown.splitlines() if line.startswith("| α |"))
+    assert float(alpha.split("|")[2]) == pytest.approx(0.3, abs=1e-3)
+    assert "Extrapolated one decade out (not measured): L(6.19e+06) = " in markdown
+    assert f"![scaling_loss_vs_params]({plots.SCALING_VS_PARAMS})" in markdown
+    for path in written[-2:]:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert width > 600 and height > 400
+
+
+def test_a_ladder_of_three_sizes_says_it_is_too_few_to_fit_and_draws_no_curve(
+    tmp_path: Path,
+) -> None:
+    for i, (d_model, loss) in enumerate(((32, 3.0), (64, 2.7), (96, 2.5))):
+        write_sized_job(tmp_path / str(i), d_model=d_model, max_steps=200, loss=loss)
+    _, written = report.write_report(tmp_path)
+    assert plots.SCALING_VS_PARAMS not in [p.name for p in written]
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "No fit of L(N): 3 distinct N value(s); fitting E, A and α with an uncertainty needs "
+        "at least 4."
+    ) in markdown
+
+
+def test_an_isoflop_grid_reports_the_optimal_size_per_budget(tmp_path: Path) -> None:
+    """Widths doubling in parameters and steps halving: three sizes share each budget."""
+    i = 0
+    for budget in (1, 2, 4):
+        for d_model, size in ((32, 1), (45, 2), (64, 4)):
+            steps = 400 * budget // size
+            loss = 2.0 + 0.3 * (size - 2) ** 2 / budget + 0.5 / budget
+            write_sized_job(tmp_path / str(i), d_model=d_model, max_steps=steps, loss=loss)
+            i += 1
+    _, written = report.write_report(tmp_path)
+    assert plots.ISOFLOP in [p.name for p in written]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "### IsoFLOP: the loss-optimal size per compute budget" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "e+" in line]
+    assert len(rows) == 3 and all(row.split(" | ")[1] == "3" for row in rows)
+    assert "No fit of L(N): the jobs saw different numbers of tokens" in markdown
