@@ -6,11 +6,14 @@ The same keys as the upstream launcher, plus:
   failing rank ends the job at once instead of leaving the others waiting for the time limit);
 - ``wait``: ``false`` submits the sweep and returns at once, printing the job ids and the sweep
   folder (upstream blocks the login shell until every job has ended);
-- ``dry_run``: ``true`` prints, for every sweep point, what would be submitted, and submits nothing.
+- ``dry_run``: ``true`` prints, for every sweep point, what would be submitted, and submits nothing;
+- waiting (``wait: true``), a job that left no result (killed, out of requeues, lost) is a FAILED
+  result of its own, as under Hydra's basic launcher, instead of an exception that loses the
+  other jobs' results (the Bayesian search of ``hydra_plugins/minigpt_search`` tells them all).
 
 Registered under the upstream name, so ``hydra/launcher=submitit_slurm`` and the ``cluster=``
-presets both get it; everything upstream does (the executor, the job function, requeue through
-``checkpoint``) is inherited unchanged.
+presets both get it; the rest of what upstream does (the executor, the job function, requeue
+through ``checkpoint``) is inherited unchanged.
 
 No ``from __future__ import annotations`` here: Hydra's plugin scan executes this module outside
 ``sys.modules``, where dataclasses cannot resolve string annotations.
@@ -75,7 +78,7 @@ class MinigptSlurmLauncher(SlurmLauncher):
         if self.dry_run:
             return self._dry_run(job_overrides, initial_job_idx)
         if self.wait:
-            return super().launch(job_overrides, initial_job_idx)
+            return self._submit_and_wait(job_overrides, initial_job_idx)
         return self._submit_and_return(job_overrides, initial_job_idx)
 
     # ------------------------------------------------------------------ dry run
@@ -105,28 +108,51 @@ class MinigptSlurmLauncher(SlurmLauncher):
             returns.append(_done(overrides))
         return returns
 
-    # ------------------------------------------------------------------ submit and return
-    def _submit_and_return(
-        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
-    ) -> list[JobReturn]:
-        """Upstream ``launch`` up to the submission; then records the jobs instead of waiting."""
+    # ------------------------------------------------------------------ submit
+    def _submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+        """Upstream ``launch`` up to the submission: one array job, its submitit jobs."""
         import submitit
 
         assert self.config is not None
         executor = self._executor(submitit)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        job_params = [
-            (
-                list(o),
-                "hydra.sweep.dir",
-                initial_job_idx + i,
-                f"job_id_for_{i}",
-                Singleton.get_state(),
+        job_params = []
+        for num, o in enumerate(job_overrides, start=initial_job_idx):
+            job_params.append(
+                (list(o), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state())
             )
-            for i, o in enumerate(job_overrides)
-        ]
-        jobs = executor.map_array(self, *zip(*job_params, strict=True))
+        return list(executor.map_array(self, *zip(*job_params, strict=True)))
+
+    def _submit_and_wait(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> list[JobReturn]:
+        """Upstream ``launch``, except that a job that left no result (killed, out of requeues,
+        lost) is a FAILED result of its own, as under Hydra's basic launcher: upstream raises at
+        the first such job and the other jobs' results are lost, which a search needs to tell."""
+        assert self.config is not None
+        log.info(f"Submitit 'slurm' sweep output dir : {self.config.hydra.sweep.dir}")
+        for i, overrides in enumerate(job_overrides):
+            log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(overrides))}")
+        jobs = self._submit(job_overrides, initial_job_idx)
+        returns = []
+        for job, overrides in zip(jobs, job_overrides, strict=True):
+            try:
+                returns.append(job.results()[0])
+            except Exception as err:  # submitit's FailedJobError, UncompletedJobError
+                returns.append(
+                    JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=err)
+                )
+        return returns
+
+    # ------------------------------------------------------------------ submit and return
+    def _submit_and_return(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> list[JobReturn]:
+        """Submits the jobs, then records them instead of waiting."""
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        jobs = self._submit(job_overrides, initial_job_idx)
         records = [
             {"job": initial_job_idx + i, "job_id": j.job_id, "overrides": list(o)}
             for i, (j, o) in enumerate(zip(jobs, job_overrides, strict=True))

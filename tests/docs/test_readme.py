@@ -554,6 +554,29 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         marks=SLURM,
     ),
     "python train.py -m +sweep=model_size model=tiny,mini": Run(new_runs=2, marks=SLOW),
+    "python train.py -m +sweep=size_ladder": Run(new_runs=5, marks=SLOW),
+    "python train.py -m +sweep=isoflop": Run(
+        new_runs=3,
+        why="the tiny train.max_steps=2 replaces the grid's four lengths: its three widths run",
+        marks=SLOW,
+    ),
+    "python train.py -m +sweep=search_lr cluster=slurm_cpu hydra.sweeper.n_trials=12 "
+    "hydra.sweeper.n_jobs=4": Run(
+        append=("hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"),
+        new_runs=2,
+        timeout=600,
+        why="2 of the 12 trials, on the local one-node cluster (tests/slurm/test_slurm_search.py "
+        "runs a search with a failed trial; tests/integration/test_search.py a restarted one)",
+        marks=SLURM,
+    ),
+    "python train.py -m +sweep=search_lr cluster=slurm_cpu hydra.launcher.dry_run=true": Run(
+        tiny=(),
+        expect=(
+            r"search \(dry run\): \d+ trial\(s\) to run \(\d+ of 12 done\)",
+            r"optimizer\.lr: log-uniform float in \[0\.0001, 0\.01\]",
+            r"4 job\(s\) would be submitted",
+        ),
+    ),
     # Dry run (its documented output is checked whole)
     "python train.py -m +sweep=model_size cluster=slurm_cpu hydra.launcher.dry_run=true": Run(
         tiny=()

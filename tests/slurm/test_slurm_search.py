@@ -1,0 +1,65 @@
+"""A Bayesian search (``hydra/sweeper=search``) whose trials are SLURM jobs of 2 DDP ranks each.
+
+Needs the one-node cluster of scripts/slurm_cluster.sh (CI starts it); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import run_entry, text_data_args
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+JOB_TIMEOUT_S = 420
+
+
+def test_search_on_slurm_tells_each_jobs_val_loss_and_a_failed_job_is_a_failed_trial(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    """3 trials, one batch of 3 jobs. With the sampler's seed 1, trial 1 draws 3 heads, which
+    tiny's width 64 refuses at start-up: that job's result is a failed trial, not a crash."""
+    sweep_dir = tmp_path / "search"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "+sweep=search_lr",
+        "cluster=slurm_cpu",
+        "hydra.launcher.timeout_min=15",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=3",
+        "hydra.sweeper.seed=1",
+        "model=tiny",
+        "model.n_head=2,3",
+        *text_data_args(alphabet_corpus, cache_dir),
+        "train.device=cpu",
+        "train.batch_size=4",
+        "train.max_steps=6",
+        "train.eval_steps=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name="search_lr", storage=f"sqlite:///{sweep_dir}/study.db")
+    trials = study.trials
+    assert len(trials) == 3
+    failed = [t for t in trials if t.params["model.n_head"] == "3"]
+    assert failed and len(failed) < 3, [t.params for t in trials]
+    for trial in trials:
+        if trial in failed:
+            assert trial.state == TrialState.FAIL
+            assert "must divide model.d_model=64" in trial.user_attrs["error"]
+            continue
+        info = json.loads((sweep_dir / str(trial.number) / "run.json").read_text())
+        assert info["status"] == "completed" and info["world_size"] == 2
+        assert info["distributed"]["slurm_job_id"]
+        assert info["config"]["optimizer"]["lr"] == trial.params["optimizer.lr"]
+        assert trial.state == TrialState.COMPLETE
+        assert trial.value == pytest.approx(info["final_val_loss"])  # rank 0's return, via SLURM
+    assert (sweep_dir / "search_results.yaml").exists()
