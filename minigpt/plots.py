@@ -330,3 +330,90 @@ def plot_isoflop(budgets: list[Budget], out: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+SEARCH_HISTORY = "search_history.png"
+
+
+def plot_search_history(
+    losses: dict[int, float], failed: list[int], maximize: bool, out: Path
+) -> Path:
+    """A search's final val loss against trial number, with the best so far as a step line
+    and failed trials as × along the top: whether the search is still finding better trials."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    numbers = sorted(losses)
+    pick = max if maximize else min
+    best = [pick(losses[m] for m in numbers[: i + 1]) for i in range(len(numbers))]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(numbers, [losses[n] for n in numbers], "o", ms=6, label="trial (completed)")
+    ax.step(numbers, best, where="post", color="C1", lw=1.5, label="best so far")
+    if failed:  # no value to place: at the top, against the x axis only
+        top = ax.get_xaxis_transform()
+        ax.plot(
+            failed, [0.97] * len(failed), "x", c="C3", ms=8, mew=2, transform=top, label="failed"
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.margins(x=0.05, y=0.1)
+    _log_y(ax)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("final val loss (log scale)")
+    ax.set_title("Search: final validation loss over trials")
+    ax.legend(fontsize=8)
+    path = out / SEARCH_HISTORY
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def search_plot_name(key: str) -> str:
+    """``search_val_loss_vs_optimizer_lr.png`` for ``optimizer.lr``."""
+    return "search_" + swept_plot_name(key)
+
+
+def plot_search_param(
+    key: str, points: list[tuple[str, float, int]], best: int, log: bool, out: Path
+) -> Path | None:
+    """Final val loss against one searched value (text, loss, trial number per point), coloured
+    by trial number, trial ``best`` starred: where the sampler went and what it found. Log x
+    where the space is log; values that are not all numbers (choices) are categories."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if not points:
+        return None
+    numeric = all(_as_float(text) is not None for text, _, _ in points)
+    xs: list[Any] = [_as_float(t) if numeric else t for t, _, _ in points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dots = ax.scatter(
+        xs, [v for _, v, _ in points], c=[n for _, _, n in points], cmap="viridis", s=40
+    )
+    colorbar = fig.colorbar(dots, ax=ax, label="trial")
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for x, (_, loss, number) in zip(xs, points, strict=True):
+        if number == best:
+            ax.plot(x, loss, "*", color="C3", ms=16, mec="k", label=f"best (trial {best})")
+    if log and numeric and min(xs) > 0:
+        ax.set_xscale("log")  # ticks at 1, 2, 5 per decade, as plain numbers (0.002, not 2e-3)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.1, y=0.1)
+    _log_y(ax)
+    ax.set_xlabel(key + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("final val loss (log scale)")
+    ax.set_title(f"Search: final validation loss vs {key}")
+    ax.legend(fontsize=8)
+    path = out / search_plot_name(key)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None

@@ -3,7 +3,8 @@
 ``python -m minigpt.report outputs/multirun/DATE/TIME`` reads every job's ``run.json`` and
 ``metrics.jsonl`` (job folders ``0``, ``1``, ...; or one run folder) and writes ``report.md`` and
 PNGs next to them. It reads whatever is there, so it works while a sweep runs, after some jobs
-failed, or on one run. :mod:`minigpt.jobs` reads the folders and :mod:`minigpt.plots` draws.
+failed, or on one run. :mod:`minigpt.jobs` reads the folders and :mod:`minigpt.plots` draws;
+:mod:`minigpt.search_report` adds the section of a Bayesian search (``hydra/sweeper=search``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from minigpt import plots, scaling
+from minigpt import plots, scaling, search_report
 from minigpt.cli import OneLineParser
 from minigpt.jobs import (
     Job,
@@ -121,12 +122,16 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:
-        figures, notes = _draw(jobs, staging)
+        search = search_report.load_search(path, jobs)
+        searched = search_report.draw(search, staging) if search else []
+        figures, notes = _draw(jobs, staging, skip=set(search.space) if search else set())
         fitted, section = _scaling(jobs, staging)
-        text = "\n".join([_markdown(path, jobs, figures, notes), *section])
+        lead = search_report.markdown(search, searched) if search else []
+        text = "\n".join([_markdown(path, jobs, figures, notes, lead), *section])
         (staging / REPORT_FILE).write_text(text, encoding="utf-8")
         written = [
             out / REPORT_FILE,
+            *(out / p.name for p, _ in searched),
             *(out / p.name for p, _ in figures),
             *(out / p.name for p in fitted),
         ]
@@ -137,8 +142,9 @@ def write_report(
     return jobs, written
 
 
-def _draw(jobs: list[Job], out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    """Every figure the jobs hold data for, with its title; and why a figure was left out."""
+def _draw(jobs: list[Job], out: Path, skip: set[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Every figure the jobs hold data for, with its title; and why a figure was left out.
+    The keys in ``skip`` (a search's) get no loss-vs-value line plot: the search draws its own."""
     notes = []
     per_step = plots.shared_tokens_per_step(jobs)
     drawn = [(plots.plot_losses(jobs, out, "step", per_step), "Loss vs step")]
@@ -151,6 +157,8 @@ def _draw(jobs: list[Job], out: Path) -> tuple[list[tuple[Path, str]], list[str]
         )
     drawn.append((plots.plot_lr(jobs, out), "Learning rate vs step"))
     for key, values in swept_numbers(jobs).items():
+        if key in skip:
+            continue
         title = f"Final and best val loss vs `{key}`"
         drawn.append((plots.plot_val_loss_vs_swept(jobs, out, key, values), title))
     drawn.append((plots.plot_val_loss_vs_params(jobs, out), "Final val loss vs model size"))
@@ -204,8 +212,13 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _markdown(
-    path: Path, jobs: list[Job], figures: list[tuple[Path, str]], notes: list[str]
+    path: Path,
+    jobs: list[Job],
+    figures: list[tuple[Path, str]],
+    notes: list[str],
+    lead: list[str],
 ) -> str:
+    """report.md: the summary, ``lead`` (a search's section), the jobs' table and the figures."""
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.status] = counts.get(job.status, 0) + 1
@@ -215,6 +228,8 @@ def _markdown(
         "",
         f"{len(jobs)} job(s): {summary}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "",
+        *lead,
+        *(["## Jobs", ""] if lead else []),
         table(jobs),
         "",
     ]

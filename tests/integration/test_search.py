@@ -12,6 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.minigpt_search import space as spaces
+from minigpt import report
 from tests.conftest import ROOT, Result, run_entry, text_data_args
 
 LR_SPACE = "tag(log, interval(1e-4, 1e-2))"
@@ -151,6 +152,14 @@ def test_a_failed_trial_is_recorded_as_failed_and_the_search_goes_on(
             assert trial.state == TrialState.COMPLETE
             assert _run_json(sweep_dir / str(trial.number))["status"] == "completed"
     assert f"{4 - len(failed)} completed, {len(failed)} failed" in result.stdout
+    # The report reads the search: best trial first, the refused ones last with their error.
+    report.write_report(sweep_dir)
+    markdown = (sweep_dir / "report.md").read_text()
+    rows = [line for line in markdown.split("## Jobs")[0].splitlines() if line.startswith("| ")]
+    best = min((t for t in trials if t not in failed), key=lambda t: t.value)
+    assert rows[2].startswith(f"| {best.number} | {best.value:.4f} | ")
+    assert all("**failed**: model.n_head=3 must divide" in r for r in rows[-len(failed) :])
+    assert f"optimizer.lr={best.params['optimizer.lr']!r}" in markdown.split("~~~bash")[1]
 
 
 def test_dry_run_shows_the_search_space_and_jobs_and_makes_nothing(tmp_path: Path) -> None:

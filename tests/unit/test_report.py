@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from omegaconf import OmegaConf
 
 from minigpt import jobs, plots, report, runlock
 
@@ -453,3 +455,142 @@ def test_an_isoflop_grid_reports_the_optimal_size_per_budget(tmp_path: Path) -> 
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and "e+" in line]
     assert len(rows) == 3 and all(row.split(" | ")[1] == "3" for row in rows)
     assert "No fit of L(N): the jobs saw different numbers of tokens" in markdown
+
+
+# ---------------------------------------------------------------- a Bayesian search
+LR_SPACE = "tag(log, interval(1e-4, 1e-2))"
+SEARCH_COMMON = ["+sweep=search_lr", "data=text", "data.paths=[my corpus/*.txt]"]
+
+
+def write_search(root: Path, study: bool = True) -> Path:
+    """A search folder as hydra/sweeper=search leaves it: trials 0-2 completed (trial 1 best),
+    trial 3 refused before its folder was made (in the study only), trial 4 still running;
+    the space in multirun.yaml (lr from the sweep file, model.n_head from the command line)."""
+    trials = [(3e-4, 1.0), (2e-3, 0.8), (8e-3, 0.9)]
+    for i, (lr, scale) in enumerate(trials):
+        overrides = [*SEARCH_COMMON, f"optimizer.lr={lr!r}", "model.n_head=2"]
+        write_job(root / str(i), overrides=overrides, loss_scale=scale)
+    running = [*SEARCH_COMMON, "optimizer.lr=0.005", "model.n_head=2"]
+    write_job(root / "4", overrides=running, status="running", steps=20)
+    sweeper = {
+        "_target_": "hydra_plugins.minigpt_search.sweeper.SearchSweeper",
+        "direction": "minimize",
+        "storage": None,
+        "study_name": "search_lr",
+        "params": {"optimizer.lr": LR_SPACE, "optimizer.warmup_steps": "0"},
+    }
+    task = [*SEARCH_COMMON, "model.n_head=2,3", "optimizer.warmup_steps=range(0, 40, 20)"]
+    multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": task}}}
+    (root / "multirun.yaml").write_text(OmegaConf.to_yaml(multirun))
+    if study:
+        _write_study(root / "study.db", trials)
+    return root
+
+
+def _write_study(db: Path, completed: list[tuple[float, float]]) -> None:
+    """The study of write_search's trials, written by optuna itself."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space = {
+        "optimizer.lr": FloatDistribution(1e-4, 1e-2, log=True),
+        "model.n_head": CategoricalDistribution(["2", "3"]),
+        "optimizer.warmup_steps": IntDistribution(0, 20, step=20),
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="search_lr")
+    for lr, scale in completed:
+        params = {"optimizer.lr": lr, "model.n_head": "2", "optimizer.warmup_steps": 0}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=space, value=scale * 5.5 / 40**0.5
+            )
+        )
+    study.enqueue_trial({"optimizer.lr": 1e-4, "model.n_head": "3", "optimizer.warmup_steps": 0})
+    refused = study.ask(space)
+    refused.set_user_attr("error", "model.n_head=3 must divide model.d_model=64")
+    study.tell(refused, state=optuna.trial.TrialState.FAIL)
+    study.ask(space)  # trial 4, running
+
+
+def test_a_search_lists_its_trials_best_first_and_failed_ones_last_with_their_error(
+    tmp_path: Path,
+) -> None:
+    root = write_search(tmp_path / "search")
+    _, written = report.write_report(root)
+    markdown = (root / "report.md").read_text()
+    search = markdown[markdown.index("## Search") : markdown.index("## Jobs")]
+    rows = _rows(search)
+    assert list(rows) == ["1", "2", "0", "4", "3"]  # by final val loss; running; failed
+    # The searched keys in the sweeper's order: hydra.sweeper.params, then the command line.
+    keys = "| `optimizer.lr` | `model.n_head` | `optimizer.warmup_steps` | status |"
+    assert "| trial | final val loss " + keys in search
+    assert rows["1"][1:] == ["0.6957", "0.002", "2", "0", "completed"]
+    assert rows["4"][1:4] == ["—", "0.005", "2"] and rows["4"][-1] == "running"
+    failed = "**failed**: model.n_head=3 must divide model.d_model=64"
+    assert rows["3"][1:] == ["—", "0.0001", "3", "0", failed]  # from the study alone
+    assert "5 trial(s): 3 completed, 1 failed." in search
+    assert "## Final and best val loss vs" not in markdown  # the grid's plots are not repeated
+
+
+def test_the_best_trial_is_a_ready_to_run_command_quoted_for_the_shell(tmp_path: Path) -> None:
+    root = write_search(tmp_path / "search")
+    report.write_report(root)
+    markdown = (root / "report.md").read_text()
+    assert "Best: trial 1, final val loss 0.6957. To run it again:" in markdown
+    command = markdown.split("~~~bash\n")[1].split("\n~~~")[0]
+    assert shlex.split(command) == [
+        "python",
+        "train.py",
+        *SEARCH_COMMON,
+        "optimizer.lr=0.002",
+        "model.n_head=2",
+    ]
+
+
+def test_a_search_draws_its_history_and_each_value_on_the_scale_it_was_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    root = write_search(tmp_path / "search")
+    figures: dict[str, plt.Figure] = {}
+    monkeypatch.setattr(plt, "close", lambda fig: figures.update({fig.axes[0].get_title(): fig}))
+    _, written = report.write_report(root)
+    names = [p.name for p in written]
+    assert names[1:5] == [
+        plots.SEARCH_HISTORY,
+        "search_val_loss_vs_optimizer_lr.png",
+        "search_val_loss_vs_model_n_head.png",
+        "search_val_loss_vs_optimizer_warmup_steps.png",
+    ]
+    lr = figures["Search: final validation loss vs optimizer.lr"].axes[0]
+    steps = figures["Search: final validation loss vs optimizer.warmup_steps"].axes[0]
+    assert (lr.get_xscale(), steps.get_xscale()) == ("log", "linear")
+    history = figures["Search: final validation loss over trials"].axes[0]
+    best_so_far = history.lines[1].get_ydata()
+    assert list(best_so_far) == sorted(best_so_far, reverse=True) and len(best_so_far) == 3
+    markdown = (root / "report.md").read_text()
+    assert "### Final val loss vs `optimizer.lr` (log scale, as searched)" in markdown
+    for path in written[1:5]:
+        assert f"]({path.name})" in markdown
+
+
+def test_a_running_search_is_read_from_its_folders_alone_without_optuna(tmp_path: Path) -> None:
+    """No study.db to read (another storage) and no optuna installed: the folders say enough."""
+    root = write_search(tmp_path / "search", study=False)
+    code = (
+        "import sys; sys.modules['optuna'] = None; from minigpt import report; "
+        f"sys.exit(report.main([{str(root)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = _rows((root / "report.md").read_text().split("## Jobs")[0])
+    assert list(rows) == ["1", "2", "0", "4"]
+    assert rows["4"][-1] == "running"
+
+
+def test_a_grid_sweep_has_no_search_section(sweep: Path) -> None:
+    report.write_report(sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert "## Search" not in markdown and "~~~bash" not in markdown
