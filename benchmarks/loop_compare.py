@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PRESETS, append_result, compose_config  # noqa: E402
+from train_throughput import expand  # noqa: E402
 
 from minigpt import distributed  # noqa: E402
 from minigpt.trainer import Trainer  # noqa: E402
@@ -49,19 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per loop per round")
     p.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
     return p.parse_args(argv)
-
-
-def expand(items: list[str]) -> list[str]:
-    """Presets become their overrides; anything else is passed on as an override."""
-    out: list[str] = []
-    for item in items:
-        if item in PRESETS:
-            out += PRESETS[item]
-        elif "=" in item:
-            out.append(item)
-        else:
-            raise SystemExit(f"unknown preset {item!r}; use one of {', '.join(PRESETS)}")
-    return out
 
 
 def plain_loop(trainer: Trainer) -> Callable[[], None]:
