@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PRESETS, append_result, compose_config  # noqa: E402
-from train_throughput import expand  # noqa: E402
+from train_throughput import expand, trainer_step_fn  # noqa: E402
 
 from minigpt import distributed  # noqa: E402
 from minigpt.trainer import Trainer  # noqa: E402
@@ -77,16 +77,6 @@ def plain_loop(trainer: Trainer) -> Callable[[], None]:
     return run
 
 
-def trainer_loop(trainer: Trainer) -> Callable[[], None]:
-    """The real Trainer._train_step, advancing the step counter as Trainer.fit does."""
-
-    def run() -> None:
-        trainer._train_step()
-        trainer.state.step += 1
-
-    return run
-
-
 def timed(run: Callable[[], None], steps: int, device: torch.device) -> float:
     """Mean seconds per step over ``steps`` steps (each step ends in a host sync already)."""
     start = time.perf_counter()
@@ -105,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dist = distributed.setup(cfg.train.device, cfg.cluster.backend, cfg.cluster.init_timeout_s)
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-") as run_dir:
         trainer = Trainer(cfg, Path(run_dir), dist, overrides)
-        loops = {"plain": plain_loop(trainer), "trainer": trainer_loop(trainer)}
+        loops = {"plain": plain_loop(trainer), "trainer": trainer_step_fn(trainer)}
         device = trainer.device
         for run in loops.values():
             for _ in range(args.warmup):

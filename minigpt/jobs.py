@@ -270,7 +270,7 @@ def swept_numbers(jobs: list[Job]) -> dict[str, dict[str, float]]:
         for override in job.overrides:
             key, sep, text = override.lstrip("+~").partition("=")
             if sep:
-                values.setdefault(key, {})[job.label] = _as_number(text)
+                values.setdefault(key, {})[job.label] = as_number(text)
     return {
         key: {label: v for label, v in given.items() if v is not None}
         for key, given in values.items()
@@ -278,7 +278,8 @@ def swept_numbers(jobs: list[Job]) -> dict[str, dict[str, float]]:
     }
 
 
-def _as_number(text: str) -> float | None:
+def as_number(text: str) -> float | None:
+    """A finite number written as text, else None (a choice, nan, inf)."""
     try:
         value = float(text)
     except ValueError:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from minigpt.jobs import Job
+from minigpt.jobs import Job, as_number
 from minigpt.scaling import EXTRAPOLATE, Budget, PowerLaw
 
 LOSS_VS_STEP = "loss_vs_step.png"
@@ -383,8 +383,8 @@ def plot_search_param(
 
     if not points:
         return None
-    numeric = all(_as_float(text) is not None for text, _, _ in points)
-    xs: list[Any] = [_as_float(t) if numeric else t for t, _, _ in points]
+    numeric = all(as_number(text) is not None for text, _, _ in points)
+    xs: list[Any] = [as_number(t) if numeric else t for t, _, _ in points]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dots = ax.scatter(
         xs, [v for _, v, _ in points], c=[n for _, _, n in points], cmap="viridis", s=40
@@ -409,11 +409,3 @@ def plot_search_param(
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def _as_float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None

@@ -93,21 +93,15 @@ def _sweeper(path: Path) -> dict[str, Any] | None:
 def _space(sweeper: dict[str, Any]) -> dict[str, bool]:
     """The searched keys, each with whether its scale is log: the sweeper's own reading of
     ``hydra.sweeper.params`` then the command line (later keys win, sweeps are searched)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.minigpt_search import space
 
     params = sweeper.get("params") or {}
     lines = [*(f"{k}={v}" for k, v in params.items()), *sweeper.get("task", [])]
     try:
-        overrides = OverridesParser.create().parse_overrides(lines)
+        sweeps, _ = space.resolve(lines)
     except Exception:  # a space Hydra no longer reads: the trials' values alone
         return {}
-    space: dict[str, bool] = {}
-    for override in overrides:
-        key = override.get_key_element()
-        space.pop(key, None)
-        if override.is_sweep_override():
-            space[key] = "log" in getattr(override.value(), "tags", set())
-    return space
+    return {key: space.is_log(override) for key, override in sweeps.items()}
 
 
 def _space_from_results(path: Path) -> dict[str, bool]:

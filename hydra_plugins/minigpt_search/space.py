@@ -43,19 +43,34 @@ class SearchSpace:
         return {key: distribution_to_json(d) for key, d in sorted(self.distributions.items())}
 
 
-def parse(lines: list[str]) -> SearchSpace:
-    """The search space of ``hydra.sweeper.params`` then the command line (later keys win)."""
-    space = SearchSpace()
+def resolve(lines: list[str]) -> tuple[dict[str, Override], dict[str, str]]:
+    """``hydra.sweeper.params`` then the command line, later keys winning: the sweeps (searched
+    keys) and the fixed overrides. No optuna: the sweep report reads a search's space with it."""
+    sweeps: dict[str, Override] = {}
     fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.get_key_element()
-        space.distributions.pop(key, None)
+        sweeps.pop(key, None)
         fixed.pop(key, None)
         if override.is_sweep_override():
-            space.distributions[key] = _distribution(override)
+            sweeps[key] = override
         else:
             fixed[key] = f"{key}={override.get_value_element_as_str()}"
-    space.fixed = list(fixed.values())
+    return sweeps, fixed
+
+
+def is_log(override: Override) -> bool:
+    """Whether a searched key's scale is logarithmic: ``tag(log, ...)``."""
+    return "log" in getattr(override.value(), "tags", set())
+
+
+def parse(lines: list[str]) -> SearchSpace:
+    """The search space of ``hydra.sweeper.params`` then the command line (later keys win)."""
+    sweeps, fixed = resolve(lines)
+    space = SearchSpace(
+        distributions={key: _distribution(o) for key, o in sweeps.items()},
+        fixed=list(fixed.values()),
+    )
     if not space.distributions:
         raise HydraException(
             "the search has nothing to search: give hydra.sweeper.params (see "
@@ -80,8 +95,7 @@ def describe(distribution: Distribution) -> str:
 def _distribution(override: Override) -> Distribution:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    value = override.value()
-    log = "log" in getattr(value, "tags", set())
+    value, log = override.value(), is_log(override)
     try:
         if isinstance(value, IntervalSweep):
             assert value.start is not None and value.end is not None
