@@ -139,14 +139,27 @@ def fit_power_law(xs: list[float], losses: list[float], what: str = "N") -> Powe
     rows = tuple(tuple(float(v) for v in row) for row in cov)
     note = ""
     if e < 1e-6 * float(y.min()):
+        alpha_pure, alpha_pure_se = pure_power_law(x, y)
         note = (
             "E ended on its bound 0: the points do not yet level off, so E and α trade off "
-            "against each other and are loosely determined."
+            "against each other and are loosely determined. With E fixed at 0 (Kaplan's "
+            f"L = ({what}_c/{what})^α, a straight line on log-log axes): α = {alpha_pure:.4g} "
+            f"± {alpha_pure_se:.2g}."
         )
     elif e > 0.999 * float(y.min()):
         note = "E ended on its bound, the lowest loss measured: the loss has stopped falling."
     x_range = (x0, float(x.min()), float(x.max()))
     return PowerLaw(float(e), float(a0), float(alpha), rows, *x_range, len(pairs), note)
+
+
+def pure_power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """α and its standard error for ``L = A·x^(-α)``: a least-squares line of log L on log x.
+
+    What a ladder that has not levelled off can tell: the full law's E and α are then
+    degenerate, the slope is not.
+    """
+    (slope, _), cov = np.polyfit(np.log(x), np.log(y), 1, cov=True)
+    return float(-slope), math.sqrt(max(float(cov[0, 0]), 0.0))
 
 
 # ---------------------------------------------------------------- reading the jobs
