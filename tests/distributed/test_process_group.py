@@ -36,10 +36,11 @@ LAUNCHER_VARS = {
 }
 
 WORKER = """
-import json, sys
+import json, os, sys
 import torch
 from minigpt import distributed
 
+default_threads = torch.get_num_threads()
 dist = distributed.setup(device="cpu", timeout_s=15)
 try:
     mean = distributed.all_reduce_mean(torch.tensor([dist.rank + 1.0, 10.0 * dist.rank]), dist)
@@ -51,7 +52,8 @@ try:
     result = {
         "dist": dist.describe() | {"rank": dist.rank, "local_rank": dist.local_rank},
         "mean": mean.tolist(), "sum": total.tolist(), "max": peak.tolist(), "shared": shared,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "default_threads": default_threads,
+        "cores": len(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
     }
 finally:
     distributed.teardown(dist)
@@ -140,6 +142,16 @@ LAUNCHES = {
 LAUNCHER_NAME = {"srun-variables": "slurm", "torchrun-cli": "torchrun"}
 
 
+def _expected_threads(launch: str, result: dict) -> int:
+    """torchrun exports OMP_NUM_THREADS=1 for several ranks, and a user's choice is kept; under
+    srun the node's two ranks split the cores, capped by torch's own default (physical cores)."""
+    if launch == "torchrun-cli":
+        assert result["omp"] == "1"
+        return 1
+    assert result["omp"] is None
+    return max(1, min(result["default_threads"], result["cores"] // WORLD))
+
+
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_two_gloo_ranks_agree_on_collectives_and_shared_objects(
     launch: str, tmp_path: Path
@@ -154,5 +166,5 @@ def test_two_gloo_ranks_agree_on_collectives_and_shared_objects(
         assert result["mean"] == [1.5, 5.0]  # mean of [1, 0] and [2, 10]
         assert result["sum"] == [3.0] and result["max"] == [1.0]
         assert result["shared"] == {"run_dir": "/runs/chosen-by-rank-0"}
-        assert result["threads"] >= 1
+        assert result["threads"] == _expected_threads(launch, result)
         assert result["initialized_after_teardown"] is False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -161,14 +160,12 @@ def test_a_hub_name_resolves_from_the_local_cache_offline(
     assert sample.returncode == 0 and sample.stdout.startswith("abc"), sample.stderr[-2000:]
 
 
-def test_a_hub_name_absent_offline_fails_in_seconds(tmp_path: Path, alphabet_corpus: Path) -> None:
+def test_a_hub_name_absent_offline_is_one_error_line(tmp_path: Path, alphabet_corpus: Path) -> None:
     env = {"HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"}
-    start = time.monotonic()
     result = run_entry(
         "train.py", *train_args("gpt2", alphabet_corpus, tmp_path / "run"), cwd=tmp_path, env=env
     )
     one_error_line(result, "init_from=gpt2", "not in the local Hugging Face cache")
-    assert time.monotonic() - start < 60  # start-up included; no retries against the network
     sample = run_entry("generate.py", "checkpoint=gpt2", cwd=tmp_path, env=env)
     one_error_line(sample, "checkpoint=gpt2", "not in the local Hugging Face cache")
 

@@ -76,6 +76,18 @@ def test_best_is_a_link_to_last_not_a_second_write(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 6
 
 
+def test_best_and_last_are_the_step_file_itself_not_copies(tmp_path: Path) -> None:
+    step = checkpoint.save_step({"step": 5}, tmp_path, 5, keep_last=1, best=True)
+    assert os.path.samefile(tmp_path / "best.pt", step)
+    assert os.path.samefile(tmp_path / "last.pt", step)
+    assert step.stat().st_nlink == 3  # one file on disk under three names
+    newer = checkpoint.save_step({"step": 6}, tmp_path, 6, keep_last=1, best=False)
+    assert not step.exists()  # pruned, but best.pt keeps its data
+    assert os.path.samefile(tmp_path / "last.pt", newer)
+    assert (tmp_path / "best.pt").stat().st_nlink == 1
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == 5
+
+
 # ---------------------------------------------------------------- model files (minigpt.weights)
 TINY = GPTConfig(n_layer=2, n_head=2, d_model=16, block_size=8, vocab_size=256)
 

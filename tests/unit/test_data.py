@@ -362,9 +362,7 @@ def test_stdlib_corpus_holds_the_standard_library_without_tests(tmp_path) -> Non
     assert len(files) > 300 and all(f.suffix == ".py" for f in files)
     parts = {part for f in files for part in f.parts}
     assert not {"idlelib", "site-packages", "__pycache__", "test", "tests"} & parts
-    start = time.monotonic()
     corpus = prepare_corpus(DataConfig(source="stdlib", cache_dir=str(tmp_path)), min_tokens=257)
-    assert time.monotonic() - start < 20
     non_empty = sum(1 for f in files if f.stat().st_size > 0)  # empty __init__.py files drop out
     assert corpus.meta["docs"]["train"] + corpus.meta["docs"]["val"] == non_empty + 1  # one cut
     assert len(corpus.train) > 1_000_000 and "import" in corpus.tokenizer.decode(corpus.val[:5000])
@@ -561,22 +559,19 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-def test_hub_without_network_fails_fast_with_a_config_error(hf_cache, tmp_path, monkeypatch):
+def test_hub_without_network_is_a_config_error(hf_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "can_reach", lambda url, timeout=3.0: False)
     cfg = DataConfig(source="hub", name="roneneldan/TinyStories", cache_dir=str(tmp_path))
-    start = time.monotonic()
     with pytest.raises(ConfigError, match="data.name=roneneldan/TinyStories is not in the local"):
         prepare_corpus(cfg)
-    assert time.monotonic() - start < 10
 
 
-def test_hub_fails_fast_on_this_machine_with_the_real_probe(hf_cache, tmp_path) -> None:
-    """No network: offline error; network: the made-up dataset is not found. Either way, fast."""
+def test_hub_is_a_config_error_on_this_machine_with_the_real_probe(hf_cache, tmp_path) -> None:
+    """No network: offline error; network: the made-up dataset is not found. Either way a
+    ConfigError (how long it takes: benchmarks/fail_fast.py)."""
     cfg = DataConfig(source="hub", name="minigpt-tests/no-such-dataset", cache_dir=str(tmp_path))
-    start = time.monotonic()
     with pytest.raises(ConfigError, match="data.name=minigpt-tests/no-such-dataset"):
         prepare_corpus(cfg)
-    assert time.monotonic() - start < 10
 
 
 def test_hub_dataset_in_the_local_cache_loads_offline(hf_cache, tmp_path, monkeypatch) -> None:
@@ -668,12 +663,11 @@ def test_uneven_batch_split_and_too_short_data_are_rejected(ramp) -> None:
 
 def test_eval_batches_are_built_on_demand_whatever_their_number(ramp) -> None:
     tracemalloc.start()
-    start = time.monotonic()
     batches = eval_batches(ramp, 16, batch_size=64, n_batches=10**6)
     last = batches[10**6 - 1]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert time.monotonic() - start < 1 and peak < 1_000_000  # all of them: 1 GB of int64
+    assert peak < 1_000_000  # all of them: 1 GB of int64
     assert len(batches) == 10**6 and last[0].shape == (64, 16)
     assert torch.equal(batches[-1][0], last[0]) and torch.equal(last[1], last[0] + 1)
     with pytest.raises(IndexError):

@@ -36,6 +36,13 @@ def test_cosine_decays_to_min_lr(opt_cfg: OptimizerConfig) -> None:
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+@pytest.mark.parametrize("step", [101, 125, 145, 190, 233, 1000])
+def test_lr_stays_at_min_lr_past_max_steps(opt_cfg: OptimizerConfig, step: int) -> None:
+    """A resumed run that goes past max_steps holds min_lr; the cosine would climb back up (at
+    step 145 it is half way, at 190 back at lr)."""
+    assert lr_at(step, opt_cfg, 100) == opt_cfg.min_lr
+
+
 def test_no_warmup_starts_at_lr() -> None:
     cfg = OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=0)
     assert lr_at(0, cfg, 10) == pytest.approx(1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -43,8 +44,39 @@ def test_explicit_dtypes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
-def test_cpu_flags_reads_proc_cpuinfo() -> None:
-    assert isinstance(runtime._cpu_flags(), set)
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Fake CPU @ 2.00GHz
+flags\t\t: fpu sse2 avx2 avx512f amx_bf16
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu sse2
+"""
+
+
+def fake_proc_files(monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> None:
+    """Serve `files` to the runtime module's `open`; any other path does not exist."""
+
+    def fake_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(runtime, "open", fake_open, raising=False)
+
+
+def test_cpu_flags_are_the_first_flags_line_of_proc_cpuinfo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_proc_files(monkeypatch, {"/proc/cpuinfo": CPUINFO})
+    assert runtime._cpu_flags() == {"fpu", "sse2", "avx2", "avx512f", "amx_bf16"}
+    assert runtime.cpu_has_fast_bf16()
+
+
+def test_cpu_flags_are_empty_without_proc_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_proc_files(monkeypatch, {})
+    assert runtime._cpu_flags() == set()
 
 
 def test_auto_keeps_small_models_in_float32_even_with_amx(

@@ -6,11 +6,17 @@ import hashlib
 import io
 import json
 import random
-import time
+import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
 import torch
+from tiktoken._educational import bpe_train
+from tiktoken_ext.openai_public import r50k_pat_str
 
 from minigpt import tokenizer as tokenizer_mod
 from minigpt.config import ConfigError
@@ -142,24 +148,83 @@ def test_gpt2_error_says_the_hugging_face_cache_was_checked(tmp_path, monkeypatc
     assert "any OpenAI GPT-2 model" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_gpt2_fails_fast_or_round_trips_on_this_machine(tmp_path, monkeypatch) -> None:
-    """The real probe: without network a ConfigError in seconds; with network, a working GPT-2."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+def data_gym_chars() -> dict[int, str]:
+    """Byte -> character of OpenAI's data-gym files, in rank order: printable bytes stand for
+    themselves, the others (space included) for chr(256), chr(257), ..."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def data_gym_ranks(text: str) -> dict[bytes, int]:
+    """GPT-2-shaped ranks: the 256 bytes in data-gym order, merges learned from ``text``, then
+    two-byte fillers up to 50256 ids (``<|endoftext|>`` is the 50257th)."""
+    ranks = {bytes([b]): i for i, b in enumerate(data_gym_chars())}
+    learned = bpe_train(text, 300, r50k_pat_str, visualise=None)
+    for token in sorted((t for t in learned if len(t) > 1), key=learned.__getitem__):
+        ranks[token] = len(ranks)
+    for pair in (bytes([a, b]) for a in range(256) for b in range(256)):
+        if len(ranks) == 50256:
+            break
+        ranks.setdefault(pair, len(ranks))
+    return ranks
+
+
+def write_gpt2_cache(cache: Path, ranks: dict[bytes, int]) -> None:
+    """vocab.bpe and encoder.json in OpenAI's data-gym format, under tiktoken's cache names."""
+    char = data_gym_chars()
+
+    def gym(token: bytes) -> str:
+        return "".join(char[b] for b in token)
+
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        cut = next(i for i in range(1, len(token)) if {token[:i], token[i:]} <= ranks.keys())
+        merges.append(f"{gym(token[:cut])} {gym(token[cut:])}")
+    encoder = {gym(token): rank for token, rank in ranks.items()} | {EOT: 50256}
+    contents = ["#version: 0.2\n" + "\n".join(merges) + "\n", json.dumps(encoder)]
+    cache.mkdir(parents=True, exist_ok=True)
+    for url, text in zip(GPT2_URLS, contents, strict=True):  # vocab.bpe, encoder.json
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_text(text, encoding="utf-8")
+
+
+def test_gpt2_loads_tiktokens_cached_files_without_the_network(tmp_path, monkeypatch) -> None:
+    """GPT-2 from files in tiktoken's cache, made here in OpenAI's format: the cache lookup,
+    tiktoken's real parsing and our vocab size, end-of-text id and ordinary encoding."""
+    ranks = data_gym_ranks(" ".join(TRAIN_TEXTS))
+    write_gpt2_cache(tmp_path / "tiktoken", ranks)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # no Hub copy to fall back on
-    start = time.monotonic()
-    try:
-        tok = build_tokenizer("gpt2", None, 0)
-    except ConfigError as err:
-        assert "data.tokenizer=gpt2" in str(err)
-        assert time.monotonic() - start < 10
-        return
+    monkeypatch.setattr(tiktoken.load, "check_hash", lambda data, expected: True)  # not OpenAI's
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # build "gpt2" afresh, and forget it
+    monkeypatch.setattr(tokenizer_mod, "can_reach", lambda *a, **k: pytest.fail("probed"))
+    tok = build_tokenizer("gpt2", None, 0)
     assert (tok.backend, tok.vocab_size, tok.eot_id) == ("tiktoken", 50257, 50256)
-    assert tok.decode(tok.encode(SAMPLES[2])) == SAMPLES[2]
-    assert tokenizer_from_state(tok.state()).encode("hello") == tok.encode("hello")
+    reference = tiktoken.Encoding(
+        "ref", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={}
+    )
+    for text in [*SAMPLES, *TRAIN_TEXTS[:3], f"a{EOT}b"]:
+        assert tok.encode(text) == reference.encode_ordinary(text)
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("    return a + b")) < len("    return a + b")  # merges are used
+    assert tok.decode([50256]) == EOT
+    assert tokenizer_from_state(tok.state()).encode(SAMPLES[3]) == tok.encode(SAMPLES[3])
 
 
-def test_network_probe_gives_up_after_its_timeout(monkeypatch) -> None:
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: time.sleep(5))
-    start = time.monotonic()
-    assert not can_reach("https://example.invalid", timeout=0.2)
-    assert time.monotonic() - start < 1
+def test_network_probe_gives_up_without_waiting_for_a_stalled_request(monkeypatch) -> None:
+    """A request stuck in DNS ignores its socket timeout: the probe answers "unreachable" while
+    that request is still running (how soon: benchmarks/fail_fast.py)."""
+    release, ended, calls = threading.Event(), threading.Event(), []
+
+    def stalled_urlopen(request, timeout):
+        calls.append(timeout)
+        release.wait(30)  # a bound, so a probe that waits for us still ends (and fails below)
+        ended.set()
+
+    monkeypatch.setattr(urllib.request, "urlopen", stalled_urlopen)
+    try:
+        assert not can_reach("https://example.invalid", timeout=0.2)
+        assert not ended.is_set(), "the probe waited for the stalled request to end"
+        assert calls == [0.2]
+    finally:
+        release.set()
