@@ -171,25 +171,10 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
             f"checkpoint {path} has format version {state.get('version')}, this minigpt reads "
             f"version {VERSION}"
         )
-    if "rng" in state:
-        state["rng"] = _on_cpu(state["rng"])
+    # Older checkpoints carried each rank's generator states; nothing reads them now: dropout,
+    # the only draw training makes, is reseeded from (seed, step, slice) at every micro-step.
+    state.pop("rng", None)
     return state
-
-
-def _on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it on the CPU.
-
-    Generator states live on the host whatever ``map_location`` says: torch.set_rng_state and
-    torch.cuda.set_rng_state take CPU byte tensors, and numpy's keys become an array. Mapped to
-    a GPU, they made resuming a run on CUDA fail (``.numpy()`` of a CUDA tensor).
-    """
-    if isinstance(value, torch.Tensor):
-        return value if value.device.type in ("cpu", "meta") else value.cpu()
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    return value
 
 
 def require_file(path: Path, key: str | None = None) -> None:

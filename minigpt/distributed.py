@@ -487,7 +487,7 @@ def broadcast_object(obj: Any, dist: Dist, src: int = 0) -> Any:
 
 
 def gather_objects(obj: Any, dist: Dist) -> list[Any]:
-    """Every rank's picklable ``obj``, in rank order, on every rank (e.g. RNG states to save)."""
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
     if not dist.is_distributed:
         return [obj]
     out: list[Any] = [None] * dist.world_size

@@ -7,7 +7,7 @@
 weights as safetensors, the model config and tokenizer in its metadata, read by ``generate.py``
 and ``init_from=`` but by nothing else. An OUT ending in ``.safetensors`` means minigpt's file.
 
-A training checkpoint carries the optimizer, RNG and sampler state and is a (weights-only)
+A training checkpoint carries the optimizer and sampler state and is a (weights-only)
 pickle; both exports hold tensors alone and cannot run code on load, whoever made them.
 
 The command never clobbers: an existing OUT needs ``--force`` (and a folder is replaced only if

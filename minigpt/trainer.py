@@ -11,7 +11,6 @@ import contextlib
 import errno
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -200,8 +199,6 @@ class Trainer:
         self.step_model = self._wrap(self.model)
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops, self.peak_source = self._peak()
-        if self.resumed_from is not None:  # last: set-up above draws random numbers too
-            _set_rng_state(self._resume_rng, self.dist.rank, self.device)
 
     # ---------------------------------------------------------------- set-up
     def _plan_init(self) -> pretrained.Init | None:
@@ -280,7 +277,6 @@ class Trainer:
         self.sampler.load_state_dict(ckpt["sampler"])
         self.state = TrainState(**ckpt["train_state"])
         self.logger_run_id = ckpt.get("logger_run_id")
-        self._resume_rng = ckpt["rng"]
         return path
 
     def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
@@ -433,8 +429,8 @@ class Trainer:
 
     def _train_step(self) -> tuple[torch.Tensor, float, float]:
         cfg, dist = self.cfg.train, self.dist
-        lr = lr_at(self.state.step, self.cfg.optimizer, cfg.max_steps)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr_at(self.state.step, self.cfg.optimizer, cfg.max_steps))
+        lr = _applied_lr(self.optimizer)  # what the logs report is what the optimizer used
         self.step_model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
@@ -553,25 +549,25 @@ class Trainer:
     def _checkpoint(self, val_loss: float | None) -> None:
         """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes.
 
-        Every rank takes part: each one's RNG state goes into the checkpoint, and all agree on
-        the best validation loss.
+        Every rank calls it with the same (all-reduced) ``val_loss``, so all agree on the best.
+        No generator state is saved: the only random numbers training draws are dropout's, and
+        those are reseeded from (seed, step, slice) at every micro-step (see ``_train_step``).
         """
         is_best = val_loss is not None and val_loss < self.state.best_val_loss
         if is_best:
             self.state.best_val_loss = val_loss
-        rng = distributed.gather_objects(_rng_state(self.device), self.dist)
         self._saved_step = self.state.step
         if not self.dist.is_main:
             return
         checkpoint.save_step(
-            self._checkpoint_state(rng),
+            self._checkpoint_state(),
             checkpoint.checkpoint_dir(self.run_dir),
             self.state.step,
             keep_last=self.cfg.train.keep_last,
             best=is_best,
         )
 
-    def _checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    def _checkpoint_state(self) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
             "model_config": asdict(self.model.config),
@@ -579,7 +575,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "train_state": asdict(self.state),
-            "rng": {"per_rank": rng},
             "config": as_dict(self.cfg),
             "data": runfolder.data_summary(self.corpus.meta),
             "logger_run_id": self.logger_run_id,
@@ -634,40 +629,18 @@ class Trainer:
         write_json(self.run_dir / RUN_FILE, info)
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """This rank's generators, as tensors and plain tuples: weights-only loading accepts them
-    (numpy's state as an array would not)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def _applied_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate every parameter group steps with; groups that disagree are a bug (a
+    group left at another rate would train unseen by the logs)."""
+    rates = {float(group["lr"]) for group in optimizer.param_groups}
+    if len(rates) != 1:
+        raise RuntimeError(f"the optimizer's parameter groups disagree on the lr: {sorted(rates)}")
+    return rates.pop()
 
 
 def _dropout_seed(seed: int, step: int, part: int) -> int:
     """A well-mixed 64-bit seed for one micro-batch slice of one step."""
     return int(np.random.SeedSequence([seed, step, part]).generate_state(1, np.uint64)[0])
-
-
-def _set_rng_state(saved: dict[str, Any], rank: int, device: torch.device) -> None:
-    """Restore this rank's generators; a rank the saved run did not have keeps its fresh seed."""
-    per_rank = saved.get("per_rank", [saved])
-    if rank >= len(per_rank):
-        return
-    state = per_rank[rank]
-    torch.set_rng_state(state["torch"].cpu())
-    if "numpy" in state:
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "python" in state:
-        version, internal, gauss_next = state["python"]
-        random.setstate((version, tuple(internal), gauss_next))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _ppl(loss: float) -> float:

@@ -51,7 +51,7 @@ def _args(corpus: Path, run_dir: Path, cache: Path, *extra: str) -> list[str]:
         "train.eval_every=50",
         "train.log_every=5",
         "train.ckpt_every=50",
-        "model.dropout=0.1",  # dropout draws from the torch RNG: its state must survive too
+        "model.dropout=0.1",  # reseeded from (seed, step, slice): a resume needs no RNG state
         "train.progress=lines",
         *extra,
     )
@@ -252,7 +252,7 @@ def test_checkpoints_rotate_and_all_load_weights_only(
     for path in folder.glob("*.pt"):
         state = torch.load(path, weights_only=True)  # explicit, as every loader here does
         assert state["format"] == "minigpt"
-        assert len(state["rng"]["per_rank"]) == 1
+        assert "rng" not in state  # no generator state: dropout is reseeded every micro-step
     # A save killed half-way leaves a temp file behind: resume ignores it.
     (folder / ".step_0000025.pt.abc123.tmp").write_bytes(b"\x00" * 100)
     again = run_entry("train.py", *args, "train.max_steps=25", cwd=tmp_path)

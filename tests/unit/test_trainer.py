@@ -1,0 +1,356 @@
+"""The Trainer's rules, checked in this process on a one-layer model (two spawned ranks where a
+rule spans ranks): clipping, the schedule, the batch split, dropout, resume, evaluation, best
+checkpoints, skipped steps and accumulation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt import checkpoint, peak
+from minigpt.batches import BatchSampler
+from minigpt.distributed import Dist
+from minigpt.optim import lr_at
+from minigpt.signals import StopRequested
+from minigpt.trainer import Trainer, TrainingError
+from tests.unit.trainer_setup import (
+    PEAK,
+    build_trainer,
+    tiny_config,
+    two_ranks,
+    weights,
+    with_train,
+    write_corpus,
+)
+
+# Float32 sums taken in another order (DDP's all-reduce, one big batch) differ in the last bits,
+# and Adam scales a near-zero gradient's noise up to ~1e-6 of update; a wrong batch or dropout
+# mask moves weights by ~lr (1e-3 to 1e-2) per step.
+CLOSE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peak, "peak_flops", lambda *args, **kwargs: PEAK)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    write_corpus(tmp_path / "corpus")
+    return tmp_path
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if tol:
+            torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ---------------------------------------------------------------- one step
+
+
+def test_grad_clip_bounds_the_update(root: Path) -> None:
+    clip = 1e-3
+    trainer = build_trainer(tiny_config(root, opt={"grad_clip": clip}), root / "run")
+    seen: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    _, grad_norm, _ = trainer._train_step()
+    assert grad_norm > 10 * clip  # the norm before clipping: clipping had work to do
+    assert len(seen) == 1 and seen[0] <= clip * (1 + 1e-4), seen
+
+
+def test_every_param_group_gets_the_scheduled_lr(root: Path) -> None:
+    cfg = tiny_config(root, opt={"warmup_steps": 3}, max_steps=5)
+    trainer = build_trainer(cfg, root / "run")
+    assert len(trainer.optimizer.param_groups) > 1  # decayed and not: a group left behind shows
+    for step in range(3):  # warm-up: the lr moves every step
+        trainer.state.step = step
+        _, _, lr = trainer._train_step()
+        expected = lr_at(step, cfg.optimizer, cfg.train.max_steps)
+        assert lr == pytest.approx(expected, rel=1e-12)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [lr] * 2
+
+
+def test_logged_lr_is_the_one_the_optimizer_used(root: Path) -> None:
+    cfg = tiny_config(root, opt={"warmup_steps": 2}, max_steps=4)
+    trainer = build_trainer(cfg, root / "run")
+    used: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        rates = {g["lr"] for g in trainer.optimizer.param_groups}
+        assert len(rates) == 1, rates
+        used.append(rates.pop())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit()
+    logged = [e["lr"] for e in _metrics(root / "run") if "lr" in e]
+    assert logged == pytest.approx(used, rel=1e-12) and len(logged) == 4
+    assert used[0] != used[1] != used[3]  # warm-up then decay: the check can see a wrong step
+
+
+def test_global_batch_splits_rank_major() -> None:
+    data = np.arange(1000, dtype=np.uint16)  # token i is i: a window names its start
+    sampler = BatchSampler(data, block_size=4, global_batch=8, seed=3)
+    for step in range(3):
+        parts = [
+            sampler.batch(step, rank, 2, micro, 2)[0] for rank in range(2) for micro in range(2)
+        ]
+        starts = torch.cat(parts)[:, 0].tolist()
+        assert starts == sampler.global_offsets(step).tolist()
+
+
+def _embedding_dropout_masks(trainer: Trainer) -> list[torch.Tensor]:
+    masks: list[torch.Tensor] = []
+    drop = trainer.model.transformer.drop
+    drop.register_forward_hook(lambda module, inputs, out: masks.append(out == 0))
+    return masks
+
+
+def test_dropout_masks_differ_between_steps(root: Path) -> None:
+    cfg = tiny_config(root, model={"dropout": 0.5})
+    trainer = build_trainer(cfg, root / "run")
+    x, y = trainer.sampler.batch(0, 0, 1, 0, 1)
+    trainer.sampler.batch = lambda *args: (x, y)  # the same tokens at every step
+    masks = _embedding_dropout_masks(trainer)
+    for step in range(2):
+        trainer.state.step = step
+        trainer._train_step()
+    assert masks[0].float().mean() > 0.3  # dropout=0.5 is at work
+    assert not torch.equal(masks[0], masks[1]), "step 1 reused step 0's dropout mask"
+
+    again = build_trainer(cfg, root / "again")  # the same (seed, step, slice): the same mask
+    again.sampler.batch = lambda *args: (x, y)
+    masks_again = _embedding_dropout_masks(again)
+    again._train_step()
+    assert torch.equal(masks_again[0], masks[0])
+
+
+def test_grad_accum_matches_one_big_batch(root: Path) -> None:
+    cfg = tiny_config(root, max_steps=2, batch_size=4, grad_accum=2)
+    accumulated = build_trainer(cfg, root / "accum")
+    big = build_trainer(with_train(cfg, batch_size=8, grad_accum=1), root / "big")
+    start = weights(big)
+    reported: dict[str, list[float]] = {"accumulated": [], "big": []}  # loss, norm, loss, norm
+    for name, trainer in (("accumulated", accumulated), ("big", big)):
+        for step in range(2):
+            trainer.state.step = step
+            loss, grad_norm, _ = trainer._train_step()
+            reported[name] += [float(loss), grad_norm]
+    # The loss and gradient are means over the global batch (Adam alone would hide a sum).
+    assert reported["accumulated"] == pytest.approx(reported["big"], rel=1e-5)
+    _assert_same(weights(accumulated), weights(big), **CLOSE)
+    assert not torch.allclose(weights(big)["lm_head.weight"], start["lm_head.weight"], **CLOSE)
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+class _NanOnce(torch.nn.Module):
+    """The model, whose loss is NaN at the steps in ``bad``."""
+
+    def __init__(self, trainer: Trainer, bad: set[int]) -> None:
+        super().__init__()
+        self.inner, self.trainer, self.bad = trainer.step_model, trainer, bad
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        logits, loss = self.inner(x, y)
+        if self.trainer.state.step in self.bad:
+            loss = loss * math.nan
+        return logits, loss
+
+
+def _optimizer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = trainer.optimizer.state_dict()["state"]
+    return {f"{i}.{k}": v.clone() for i, s in state.items() for k, v in s.items()}
+
+
+def test_non_finite_step_is_skipped(root: Path) -> None:
+    cfg = tiny_config(root, max_steps=6, max_bad_steps=2)
+    trainer = build_trainer(cfg, root / "run")
+    trainer.step_model = _NanOnce(trainer, bad={1, 3, 4})
+
+    def step() -> float:
+        _, grad_norm, _ = trainer._train_step()
+        trainer.state.step += 1
+        return grad_norm
+
+    assert math.isfinite(step())
+    before, opt_before = weights(trainer), _optimizer_tensors(trainer)
+    assert not math.isfinite(step())  # step 1: NaN
+    _assert_same(weights(trainer), before)
+    _assert_same(_optimizer_tensors(trainer), opt_before)
+    assert (trainer.state.bad_steps, trainer.state.skipped_steps) == (1, 1)
+
+    assert math.isfinite(step())  # step 2: a good step resets the count of bad ones in a row
+    assert (trainer.state.bad_steps, trainer.state.skipped_steps) == (0, 1)
+    assert not any(torch.equal(weights(trainer)[k], before[k]) for k in ["lm_head.weight"])
+
+    assert not math.isfinite(step())  # step 3: one bad step in a row is tolerated
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        step()  # step 4: max_bad_steps=2 in a row stop the run
+    assert all(torch.isfinite(w).all() for w in weights(trainer).values())
+
+
+# ---------------------------------------------------------------- resume and checkpoints
+
+
+def _scramble_global_rngs() -> None:
+    torch.manual_seed(random.SystemRandom().randrange(2**32))
+    np.random.seed(random.SystemRandom().randrange(2**32))
+    random.seed(random.SystemRandom().randrange(2**32))
+    torch.rand(7), np.random.rand(3), random.random()
+
+
+def test_resume_needs_no_global_rng_state(root: Path) -> None:
+    cfg = tiny_config(root, model={"dropout": 0.2}, max_steps=6)
+    straight = build_trainer(cfg, root / "straight")
+    straight.fit()
+
+    first = build_trainer(cfg, root / "run")
+    train_step = first._train_step
+
+    def stop_after_step_3() -> Any:
+        if first.state.step == 2:
+            first.stop.signum = signal.SIGUSR2  # as the handler records a signal
+        return train_step()
+
+    first._train_step = stop_after_step_3
+    with pytest.raises(StopRequested):
+        first.fit()
+    saved = checkpoint.load(root / "run" / "checkpoints" / checkpoint.LAST)
+    assert saved["train_state"]["step"] == 3 and "rng" not in saved
+
+    resumed = build_trainer(cfg, root / "run")  # resume=auto: continues from last.pt
+    assert resumed.state.step == 3
+    _scramble_global_rngs()
+    resumed.fit()
+    _assert_same(weights(resumed), weights(straight))
+
+
+def test_best_checkpoint_keeps_the_lowest_val_loss(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, keep_last=5), root / "run")
+    folder = root / "run" / "checkpoints"
+    for step, val_loss in [(1, 2.0), (2, 1.5), (3, 1.8), (4, None)]:
+        trainer.state.step = step
+        trainer._checkpoint(val_loss)
+    best = checkpoint.load(folder / checkpoint.BEST)
+    assert best["train_state"]["step"] == 2
+    assert trainer.state.best_val_loss == 1.5
+    assert checkpoint.load(folder / checkpoint.LAST)["train_state"]["step"] == 4
+
+
+def test_old_checkpoint_with_rng_states_still_resumes(root: Path) -> None:
+    cfg = tiny_config(root, max_steps=2)
+    trainer = build_trainer(cfg, root / "run")
+    trainer.state.step = 1
+    state = trainer._checkpoint_state()
+    state["rng"] = {"per_rank": [{"torch": torch.get_rng_state()}]}  # as runs before saved
+    checkpoint.save_step(state, root / "run" / "checkpoints", 1, keep_last=1, best=False)
+    resumed = build_trainer(cfg, root / "run")
+    assert resumed.state.step == 1
+    assert resumed.fit() > 0
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+def _accum_config(root: Path, **train: Any) -> Any:
+    """Global batch 8 with dropout, evaluated each step over 3 val batches (2 ranks: 2 and 1)."""
+    cfg = tiny_config(
+        root, model={"dropout": 0.1}, batch_size=2, max_steps=3, eval_every=1, eval_steps=3
+    )
+    return with_train(cfg, **train)
+
+
+def _dropout_config(root: Path, **train: Any) -> Any:
+    return with_train(tiny_config(root, model={"dropout": 0.3}, batch_size=2, max_steps=3), **train)
+
+
+def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
+    """Each rank's side of the two-rank runs (a spawned process)."""
+    out: dict[str, Any] = {}
+    accum = build_trainer(_accum_config(root, grad_accum=2), root / "accum", dist)
+    out["val_at_start"] = accum.evaluate()
+    accum.fit()
+    out["accum"], out["best_val_loss"] = weights(accum), accum.state.best_val_loss
+    dropout = build_trainer(_dropout_config(root, grad_accum=1), root / "dropout", dist)
+    dropout.fit()
+    out["dropout"] = weights(dropout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("two_ranks")
+    write_corpus(root / "corpus")
+    return root, two_ranks(_on_two_ranks, root)
+
+
+@pytest.mark.distributed
+def test_evaluate_averages_over_all_ranks(two_rank_runs: tuple[Path, list]) -> None:
+    root, ranks = two_rank_runs
+    one = build_trainer(_accum_config(root, grad_accum=4), root / "one_rank_eval")
+    expected = one.evaluate()  # the mean over the 3 batches, not over the ranks' shares
+    assert [r["val_at_start"] for r in ranks] == pytest.approx([expected] * 2, rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_best_checkpoint_is_the_lowest_val_loss_agreed_by_all_ranks(
+    two_rank_runs: tuple[Path, list],
+) -> None:
+    root, ranks = two_rank_runs
+    val = {e["step"]: e["val/loss"] for e in _metrics(root / "accum") if "val/loss" in e}
+    assert sorted(val) == [1, 2, 3]
+    lowest = min(val.values())
+    assert [r["best_val_loss"] for r in ranks] == [lowest, lowest]
+    best = checkpoint.load(root / "accum" / "checkpoints" / checkpoint.BEST)
+    assert val[best["train_state"]["step"]] == lowest
+    one = build_trainer(_accum_config(root, grad_accum=4), root / "one_rank_best")
+    one.model.load_state_dict(best["model"])
+    assert one.evaluate() == pytest.approx(lowest, rel=1e-6)  # the loss of all 3 batches
+
+
+@pytest.mark.distributed
+def test_two_ranks_accumulating_match_one_rank_accumulating_more(
+    two_rank_runs: tuple[Path, list],
+) -> None:
+    """2 ranks x 2 micro-steps = 1 rank x 4, dropout included: each slice of the global batch
+    meets the same data and the same dropout mask whichever rank draws it."""
+    root, ranks = two_rank_runs
+    # Evaluating only at the end changes no weight, and saves two evaluations and samples.
+    one = build_trainer(_accum_config(root, grad_accum=4, eval_every=0), root / "one_rank")
+    one.fit()
+    _assert_same(ranks[0]["accum"], ranks[1]["accum"])
+    _assert_same(ranks[0]["accum"], weights(one), **CLOSE)
+
+
+@pytest.mark.distributed
+def test_dropout_masks_match_across_world_sizes(two_rank_runs: tuple[Path, list]) -> None:
+    root, ranks = two_rank_runs
+    one = build_trainer(_dropout_config(root, grad_accum=2), root / "one_rank_dropout")
+    one.fit()
+    _assert_same(ranks[0]["dropout"], weights(one), **CLOSE)
