@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_JOBS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 STAMP := $(VENV)/.minigpt-setup
 
-.PHONY: train test lint env
+.PHONY: train test lint env mutation
 train: $(STAMP)
 	$(VENV)/bin/python train.py $(ARGS)
 
@@ -21,6 +21,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 env: $(STAMP)
+
+# Mutation score of the core modules against the unit tests (benchmarks/README.md): a figure,
+# never a gate. ARGS="--module optim --max-children 2" for one module.
+mutation: $(STAMP)
+	$(VENV)/bin/python scripts/mutation.py $(ARGS)
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	PYTHON="$(PYTHON)" VENV="$(VENV)" scripts/setup_env.sh

@@ -31,6 +31,7 @@ STDLIB_SKIP = ("idlelib", "site-packages", "dist-packages", "__pycache__")
 log = logging.getLogger(__name__)
 
 
+# pragma: no mutate start - loading files and the Hub; make mutation tests the split
 def source_files(cfg: DataConfig) -> list[Path]:
     if cfg.source == "stdlib":
         return stdlib_files()
@@ -197,6 +198,7 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         hf_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
+# pragma: no mutate end
 def split_documents(
     docs: Dataset,
     val_fraction: float,

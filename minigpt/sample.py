@@ -159,18 +159,17 @@ def generate(
         model.train(was_training)
 
 
-@torch.inference_mode()
 def _prefill(
     model: GPT, prompt: torch.Tensor, use_cache: bool
 ) -> tuple[torch.Tensor, KVCache | None, torch.Tensor]:
     """Crop the prompt to the model's window and compute the last position's logits."""
     context = prompt[:, -model.config.block_size :]
     cache = model.new_kv_cache(prompt.size(0), device=prompt.device) if use_cache else None
-    logits, _ = model(context, kv_cache=cache)
+    with torch.inference_mode():
+        logits, _ = model(context, kv_cache=cache)
     return context, cache, logits[:, -1]
 
 
-@torch.inference_mode()
 def _advance(
     context: torch.Tensor,
     logits: torch.Tensor,
@@ -178,8 +177,9 @@ def _advance(
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the next token and append it to the context window (see :func:`window_after`)."""
-    token = pick(logits)
-    context = torch.cat([context, token[:, None]], dim=1)
+    with torch.inference_mode():
+        token = pick(logits)
+        context = torch.cat([context, token[:, None]], dim=1)
     return context[:, -window_after(context.size(1), block_size) :], token
 
 
@@ -189,19 +189,20 @@ def window_after(length: int, block_size: int) -> int:
     return length if length <= block_size else max(1, block_size // 2)
 
 
-@torch.inference_mode()
 def _next_logits(model: GPT, context: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """Logits for the token after `context`, whose last token is not yet in the cache."""
-    if cache is None:
-        logits, _ = model(context)
-    elif cache.length == context.size(1) - 1:  # the window grew by the one new token
-        logits, _ = model(context[:, -1:], kv_cache=cache)
-    else:  # the window was cut to its newest half: every position moved (see `generate`)
-        cache.reset()
-        logits, _ = model(context, kv_cache=cache)
+    with torch.inference_mode():
+        if cache is None:
+            logits, _ = model(context)
+        elif cache.length == context.size(1) - 1:  # the window grew by the one new token
+            logits, _ = model(context[:, -1:], kv_cache=cache)
+        else:  # the window was cut to its newest half: every position moved (see `generate`)
+            cache.reset()
+            logits, _ = model(context, kv_cache=cache)
     return logits[:, -1]
 
 
+# pragma: no mutate start - generate.py's input and output (make mutation)
 def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
     """``generate.py``: load the checkpoint, then print each sample, prompt first, as it is made."""
     out = out or sys.stdout
@@ -241,6 +242,7 @@ def print_samples(cfg: GenerateConfig, out: TextIO | None = None) -> list[str]:
 MAX_HELD_TOKENS = 16
 
 
+# pragma: no mutate end
 def _stream(tokenizer: Tokenizer, ids: Iterable[int], out: TextIO) -> str:
     """Write text as tokens arrive, holding back a byte sequence that is not yet whole UTF-8.
 
@@ -264,6 +266,7 @@ def _stream(tokenizer: Tokenizer, ids: Iterable[int], out: TextIO) -> str:
     return "".join(pieces)
 
 
+# pragma: no mutate start - reading the prompt (make mutation)
 def _read_prompt(cfg: GenerateConfig) -> str:
     """The prompt as typed, or the text of ``prompt_file``, refused in one line when unusable."""
     if cfg.prompt_file is None:
@@ -306,6 +309,7 @@ def _read_prompt_file(name: str) -> bytes:
     return data
 
 
+# pragma: no mutate end
 def _decode_utf8(what: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
@@ -315,6 +319,7 @@ def _decode_utf8(what: str, data: bytes) -> str:
         ) from None
 
 
+# pragma: no mutate block - device choice (make mutation)
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -61,6 +61,7 @@ class TrainState:
     skipped_steps: int = 0  # all of them, for the logs
 
 
+# pragma: no mutate start - set-up and output, not step logic (make mutation)
 def train(
     cfg: Config,
     run_dir: str | os.PathLike[str],
@@ -142,9 +143,11 @@ def _hold(run_dir: Path, dist: Dist) -> runlock.RunLock | None:
     return lock
 
 
+# pragma: no mutate end
 class Trainer:
     """One training run on this rank."""
 
+    # pragma: no mutate start - set-up and output, not step logic (make mutation)
     def __init__(
         self,
         cfg: Config,
@@ -250,6 +253,7 @@ class Trainer:
             wrapped = torch.compile(wrapped)
         return wrapped
 
+    # pragma: no mutate end
     def _maybe_resume(self) -> Path | None:
         """Load the checkpoint rank 0 chose for this run folder, after checking it fits."""
         path, ckpt = self._choose_checkpoint()
@@ -292,6 +296,7 @@ class Trainer:
             raise runlock.RunFolderError(chosen[1])
         return (Path(chosen[0]) if chosen[0] else None), ckpt
 
+    # pragma: no mutate start - set-up and output, not step logic (make mutation)
     def _say(self, message: str) -> None:
         if self.dist.is_main:
             print(message, flush=True)
@@ -379,6 +384,7 @@ class Trainer:
             reason=reason,
         )
 
+    # pragma: no mutate end
     def _loop(self, tracker: Any, console: Console) -> float:
         cfg = self.cfg.train
         window = Window(self.device)
@@ -500,19 +506,23 @@ class Trainer:
         self.throughput.add(metrics)
         return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, shared out among ranks."""
+        """Mean loss over the fixed validation batches, shared out among ranks.
+
+        ``no_grad`` is a ``with``, not a decorator: mutmut leaves decorated functions alone.
+        """
         self.model.eval()
         sums = torch.zeros(2, device=self.device)
-        for i in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
-            x, y = (t.to(self.device) for t in self.val_batches[i])
-            with runtime.autocast(self.device.type, self.dtype):
-                _, loss = self.model(x, y)
-            sums += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        with torch.no_grad():
+            for i in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
+                x, y = (t.to(self.device) for t in self.val_batches[i])
+                with runtime.autocast(self.device.type, self.dtype):
+                    _, loss = self.model(x, y)
+                sums += torch.stack([loss.float(), torch.ones((), device=self.device)])
         distributed.all_reduce_sum(sums, self.dist)
         return float(sums[0] / sums[1])
 
+    # pragma: no mutate start - set-up and output, not step logic (make mutation)
     def _complete(self) -> float:
         """The run already reached train.max_steps: say so and return its recorded result.
 
@@ -546,6 +556,7 @@ class Trainer:
         for name, text in self.record.items():
             (folder / name).write_text(text, encoding="utf-8")
 
+    # pragma: no mutate end
     def _checkpoint(self, val_loss: float | None) -> None:
         """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes.
 
@@ -583,6 +594,7 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
+    # pragma: no mutate block - output, not step logic (make mutation)
     def _show_sample(self, tracker: Any, console: Console, echo: bool = True) -> None:
         if not self.dist.is_main:
             return
@@ -647,6 +659,7 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
 
 
+# pragma: no mutate block - an error message (make mutation)
 def _out_of_space(err: OSError, run_dir: Path) -> str:
     """Why the run stopped and what it kept: a full disk (or quota) is the user's to fix."""
     folder = checkpoint.checkpoint_dir(run_dir)

@@ -1,0 +1,440 @@
+"""Mutation score of the core modules: mutmut 3 mutates them one function at a time and runs the
+fast unit tests that cover each mutated function; this writes the score and the surviving mutants
+to benchmarks/mutation/REPORT.md.
+
+    make mutation                                        # every file in [tool.mutmut] only_mutate
+    make mutation ARGS="--module optim --max-children 2" # one module (repeat --module for more)
+    python scripts/mutation.py --report-only             # rewrite the report from mutants/ as is
+
+What is mutated and which tests run is configured in pyproject.toml's [tool.mutmut]. Mutants the
+developers judged equivalent (no test could tell them apart) are listed, with the reason, in
+benchmarks/mutation/equivalent.toml and leave the score's denominator. The score is a figure,
+never a gate: the exit status is non-zero only when mutmut itself failed (for one, when the
+unmutated tests fail, which mutmut checks first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: mutmut itself depends on toml there
+    import toml as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "mutation"
+MUTANTS = ROOT / "mutants"
+RUN_RECORD = MUTANTS / "mutation-run.json"  # how the last run went, for --report-only
+STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "not checked")
+
+
+@dataclass
+class ModuleScore:
+    """The verdicts of one mutated file's mutants."""
+
+    module: str
+    by_status: dict[str, list[str]] = field(default_factory=dict)
+    equivalent: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return len(self.by_status.get(status, []))
+
+    @property
+    def checked(self) -> int:
+        """Mutants with a verdict (a run filtered to other modules leaves these 'not checked')."""
+        return sum(len(v) for k, v in self.by_status.items() if k != "not checked")
+
+    @property
+    def other(self) -> int:
+        """Verdicts outside the table's columns: skipped, segfault, caught by type check..."""
+        return self.checked - sum(self.count(s) for s in STATUSES if s != "not checked")
+
+    @property
+    def score(self) -> float | None:
+        """killed / (mutants - equivalent): timeouts and suspicious ones count as not killed."""
+        judged = self.checked - len(self.equivalent)
+        return self.count("killed") / judged if judged > 0 else None
+
+
+def parse_results(listing: str) -> dict[str, str]:
+    """``mutmut results --all true`` lines (``    minigpt.optim.x_lr_at__mutmut_3: survived``)
+    -> mutant name -> status."""
+    results = {}
+    for line in listing.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            results[name] = status.strip()
+    return results
+
+
+def module_of(mutant: str) -> str:
+    """``minigpt.optim.x_lr_at__mutmut_3`` / ``minigpt.optim.xǁAdamWǁstep__mutmut_1`` ->
+    ``minigpt/optim.py``: the dotted path up to the mangled function name."""
+    parts = mutant.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].startswith(("x_", "xǁ")):
+            return "/".join(parts[:i]) + ".py"
+    return mutant.rsplit(".", 1)[0].replace(".", "/") + ".py"
+
+
+def tally(results: dict[str, str], equivalent: dict[str, str]) -> list[ModuleScore]:
+    """Per module, its mutants grouped by verdict; a survivor listed in ``equivalent`` moves to
+    the module's equivalent list (a listed mutant that was killed stays killed)."""
+    modules: dict[str, ModuleScore] = {}
+    for name, status in sorted(results.items()):
+        score = modules.setdefault(module_of(name), ModuleScore(module_of(name)))
+        if status == "survived" and name in equivalent:
+            score.equivalent.append(name)
+        score.by_status.setdefault(status, []).append(name)
+    return [modules[m] for m in sorted(modules)]
+
+
+def overall(scores: list[ModuleScore]) -> ModuleScore:
+    """All modules as one."""
+    total = ModuleScore("all")
+    for s in scores:
+        for status, names in s.by_status.items():
+            total.by_status.setdefault(status, []).extend(names)
+        total.equivalent.extend(s.equivalent)
+    return total
+
+
+def load_equivalent(path: Path) -> dict[str, str]:
+    """benchmarks/mutation/equivalent.toml: a plain mapping, mutant name -> why it is equivalent."""
+    if not path.exists():
+        return {}
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    bad = [k for k, v in data.items() if not isinstance(v, str)]
+    if bad:
+        raise SystemExit(f'{path}: each entry is `"mutant name" = "reason"`; not so: {bad}')
+    return data
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def table(scores: list[ModuleScore]) -> list[str]:
+    """The Markdown table of per-module counts and scores, with the overall row last."""
+    head = "| module | mutants | killed | survived | timeout | suspicious | no tests | other "
+    head += "| equivalent | score |"
+    lines = [head, "|" + "---|" * 10]
+    for s in [*scores, overall(scores)]:
+        name = f"**{s.module}**" if s.module == "all" else f"`{s.module}`"
+        counts = [s.checked, *(s.count(k) for k in STATUSES[:5]), s.other, len(s.equivalent)]
+        counts[2] -= len(s.equivalent)  # survived: the columns add up to the mutants
+        lines.append(f"| {name} | " + " | ".join(map(str, counts)) + f" | {_pct(s.score)} |")
+    return lines
+
+
+def stale_equivalents(results: dict[str, str], equivalent: dict[str, str]) -> list[str]:
+    """Listed names that are no surviving mutant: killed now, or renumbered by a source change
+    (mutmut numbers a function's mutants in order, so editing a function renames them)."""
+    return sorted(n for n in equivalent if results.get(n) != "survived")
+
+
+@dataclass
+class Run:
+    """How the mutmut run went, for the report's header."""
+
+    command: str
+    wall_s: float | None
+    mutant_phase_s: float | None  # from mutmut's "Running mutation testing" to its end
+    load_before: tuple[float, ...]
+    load_after: tuple[float, ...]
+    threads: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Run | None:
+        """The record a run left in mutants/, if any."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        data["load_before"], data["load_after"] = (
+            tuple(data[k]) for k in ("load_before", "load_after")
+        )
+        return cls(**data)
+
+
+def render(
+    run: Run,
+    results: dict[str, str],
+    equivalent: dict[str, str],
+    diffs: dict[str, str],
+) -> str:
+    """The whole REPORT.md."""
+    scores = [s for s in tally(results, equivalent) if s.checked]
+    unchecked = sorted(s.module for s in tally(results, equivalent) if not s.checked)
+    total = overall(scores)
+    lines = [
+        "# Mutation score",
+        "",
+        "Written by `scripts/mutation.py` (`make mutation`); see benchmarks/README.md, "
+        '"Mutation score". A figure, never asserted.',
+        "",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- mutmut {_version('mutmut')}, torch {_version('torch')}, Python "
+        f"{platform.python_version()}",
+        f"- command: `{run.command}`",
+        f"- machine: {os.cpu_count()} cores, load average {_load(run.load_before)} before, "
+        f"{_load(run.load_after)} after; OMP_NUM_THREADS={run.threads}",
+    ]
+    if run.wall_s is not None:
+        per_s = total.checked / run.wall_s if run.wall_s else 0
+        lines.append(
+            f"- wall time: {run.wall_s / 60:.1f} min for {total.checked} mutants "
+            f"({per_s:.2f} mutants/s overall, generation and test-coverage collection included"
+            + (
+                f"; the mutants alone: {_rate(run, total.checked):.3f} mutants/s"
+                if run.mutant_phase_s
+                else ""
+            )
+            + ")"
+        )
+        lines += _extrapolation(run, results, total.checked)
+    lines += ["", "## Score per module", ""]
+    lines += [
+        "score = killed / (mutants − equivalent); a timeout or suspicious mutant counts as not "
+        "killed; *no tests*: no unit test calls the mutated function.",
+        "",
+        *table(scores),
+        "",
+    ]
+    pending = total.count("not checked")
+    if pending:
+        lines += [
+            f"{pending} mutants of these modules have no verdict (the run was stopped): the "
+            "score covers the others.",
+            "",
+        ]
+    if unchecked:
+        lines += [
+            f"Not run this time (filtered out): {', '.join(f'`{m}`' for m in unchecked)}.",
+            "",
+        ]
+    lines += _survivors(total, diffs)
+    lines += _equivalents(total, equivalent, diffs)
+    stale = stale_equivalents(results, equivalent)
+    if stale:
+        lines += [
+            "## Stale entries of equivalent.toml",
+            "",
+            "Listed as equivalent but not a survivor of this run (killed, not run, or renumbered "
+            "by an edit of its function): re-check and update the file.",
+            "",
+            *(f"- `{n}`: {results.get(n, 'no such mutant')}" for n in stale),
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _extrapolation(run: Run, results: dict[str, str], checked: int) -> list[str]:
+    """For a run filtered to some modules: the time all configured modules would take, the fixed
+    cost (generation, the recorded test pass, the clean run) once plus every mutant at this pace."""
+    everything = len(results)
+    if checked == 0 or everything <= checked or not run.wall_s:
+        return []
+    rate = _rate(run, checked)
+    fixed = max(0.0, run.wall_s - checked / rate)
+    hours = (fixed + everything / rate) / 3600
+    return [
+        f"- all configured modules: {everything} mutants; at this run's pace about {hours:.1f} h "
+        "(rough: each mutant runs the tests that cover its function, and those differ by module)"
+    ]
+
+
+def _survivors(total: ModuleScore, diffs: dict[str, str]) -> list[str]:
+    survivors = [n for n in total.by_status.get("survived", []) if n not in total.equivalent]
+    lines = [f"## Surviving mutants ({len(survivors)})", ""]
+    if not survivors:
+        return [*lines, "None.", ""]
+    lines += [
+        "Each is a change to the code that no unit test noticed: a missing test, or an "
+        "equivalent mutant to list in equivalent.toml with the reason.",
+        "",
+    ]
+    for name in survivors:
+        lines += [f"### `{name}`", "", "```diff", diffs.get(name, "(no diff)").strip(), "```", ""]
+    return lines
+
+
+def _equivalents(
+    total: ModuleScore, equivalent: dict[str, str], diffs: dict[str, str]
+) -> list[str]:
+    if not total.equivalent:
+        return []
+    lines = [f"## Equivalent mutants ({len(total.equivalent)})", ""]
+    for name in total.equivalent:
+        lines += [f"### `{name}`", "", equivalent[name], ""]
+        lines += ["```diff", diffs.get(name, "(no diff)").strip(), "```", ""]
+    return lines
+
+
+def _load(avg: tuple[float, ...]) -> str:
+    return " / ".join(f"{x:.1f}" for x in avg) if avg else "?"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _mutmut() -> list[str]:
+    """The mutmut of this Python's environment (its console script sits beside the interpreter)."""
+    exe = Path(sys.executable).parent / "mutmut"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("mutmut")
+    if found is None:
+        raise SystemExit("mutmut is not installed: pip install -e '.[mutation]' (or make env)")
+    return [found]
+
+
+def run_mutmut(argv: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float | None]:
+    """Run mutmut from the repository root, echoing its output; (exit status, seconds, seconds
+    since it began testing mutants)."""
+    start = time.monotonic()
+    phase_start = None
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    chunks = []
+    assert proc.stdout is not None
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        chunks.append(chunk)
+        if phase_start is None and b"Running mutation testing" in b"".join(chunks[-2:]):
+            phase_start = time.monotonic()
+    rc = proc.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    if MUTANTS.exists():
+        log.write_text(output, encoding="utf-8")
+    end = time.monotonic()
+    return rc, end - start, (end - phase_start if phase_start else None)
+
+
+def _rate(run: Run, checked: int) -> float:
+    """Mutants per second over mutmut's mutant phase (the whole run where that is unknown)."""
+    seconds = run.mutant_phase_s or run.wall_s or 1.0
+    return checked / seconds
+
+
+def read_results(env: dict[str, str]) -> dict[str, str]:
+    """Every mutant of the configured files and its verdict, as ``mutmut results`` lists them."""
+    argv = [*_mutmut(), "results", "--all", "true"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"mutmut results failed ({proc.returncode}):\n{proc.stderr}")
+    return parse_results(proc.stdout)
+
+
+def show(names: list[str], env: dict[str, str]) -> dict[str, str]:
+    """``mutmut show`` of each mutant: its diff against the source (the header line dropped)."""
+    diffs = {}
+    for name in names:
+        proc = subprocess.run(
+            [*_mutmut(), "show", name], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        text = proc.stdout if proc.returncode == 0 else proc.stderr
+        diffs[name] = "\n".join(line for line in text.splitlines() if not line.startswith("# "))
+    return diffs
+
+
+def module_globs(modules: list[str]) -> list[str]:
+    """``optim``, ``minigpt/optim.py`` or ``minigpt.optim`` -> mutmut's ``minigpt.optim.*``; a
+    name that already holds a ``*`` passes as it is (mutmut matches mutant names with fnmatch)."""
+    globs = []
+    for m in modules:
+        if "*" in m:
+            globs.append(m)
+            continue
+        dotted = m.removesuffix(".py").replace("/", ".")
+        if not dotted.startswith("minigpt."):
+            dotted = "minigpt." + dotted
+        globs.append(dotted + ".*")
+    return globs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--max-children", type=int, default=None, help="mutants tested at once")
+    p.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        help="mutate-and-test only this module (optim, minigpt/optim.py) or mutant glob",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="reuse mutants/ and its verdicts (mutmut re-tests only changed functions); "
+        "default: start afresh, so the wall time means something",
+    )
+    p.add_argument("--report-only", action="store_true", help="no run: report mutants/ as it is")
+    p.add_argument("--output", type=Path, default=OUT / "REPORT.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cores = os.cpu_count() or 1
+    children = args.max_children or cores
+    env = dict(os.environ)
+    # One torch thread per mutant process unless told otherwise: mutmut's time limit is CPU time,
+    # which threads multiply, and more threads than cores only spin.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // children)))
+    command = ["mutmut", "run", "--max-children", str(children), *module_globs(args.module)]
+    run = Run(" ".join(command), None, None, (), (), env["OMP_NUM_THREADS"])
+    if args.report_only:
+        run = Run.load(RUN_RECORD) or Run("(no record of the run)", None, None, (), (), "?")
+    else:
+        if not args.keep:
+            shutil.rmtree(MUTANTS, ignore_errors=True)
+        run.load_before = os.getloadavg()
+        rc, run.wall_s, run.mutant_phase_s = run_mutmut(
+            [*_mutmut(), *command[1:]], env, MUTANTS / "run.log"
+        )
+        run.load_after = os.getloadavg()
+        if rc != 0:
+            print(f"\nmutmut failed (exit {rc}); its output: mutants/run.log", file=sys.stderr)
+            return rc
+        run.save(RUN_RECORD)
+    results = read_results(env)
+    if not results:
+        print("no mutants found: run without --report-only first", file=sys.stderr)
+        return 1
+    equivalent = load_equivalent(OUT / "equivalent.toml")
+    listed = [n for n, s in results.items() if s == "survived"]
+    report = render(run, results, equivalent, show(listed, env))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report, encoding="utf-8")
+    total = overall([s for s in tally(results, equivalent) if s.checked])
+    judged = total.checked - len(total.equivalent)
+    print(
+        f"\nmutation score: {_pct(total.score)} ({total.count('killed')} killed of {judged} "
+        f"non-equivalent mutants); report: {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
