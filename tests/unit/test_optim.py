@@ -89,6 +89,37 @@ def test_raising_max_steps_at_resume_names_the_lr_before_and_after(
     assert schedule_change(60, (opt_cfg, 200), (opt_cfg, 200)) is None
 
 
+def test_a_schedule_change_names_every_changed_key(opt_cfg: OptimizerConfig) -> None:
+    faster = OptimizerConfig(lr=2e-3, min_lr=1e-4, warmup_steps=10)
+    note = schedule_change(60, (opt_cfg, 60), (faster, 200))
+    assert note is not None
+    assert "(optimizer.lr 0.001 -> 0.002, train.max_steps 60 -> 200)" in note
+
+
+def test_a_run_that_is_all_warmup_ends_at_min_lr(opt_cfg: OptimizerConfig) -> None:
+    """warmup_steps == max_steps: the last warm-up step reaches lr, then the clamp holds min_lr
+    (the cosine, with nothing left to span, would give lr again)."""
+    assert lr_at(9, opt_cfg, 10) == pytest.approx(opt_cfg.lr)
+    assert lr_at(10, opt_cfg, 10) == opt_cfg.min_lr
+
+
+def test_the_eager_adamw_calls_the_closure_and_returns_its_loss() -> None:
+    """torch's optimizer contract (LBFGS-style callers): step(closure) re-evaluates the loss."""
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer(model, OptimizerConfig())
+    calls: list[int] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [1] and isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
 def _trained(optimizer_cls: type, steps: int = 5, **kwargs: object) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=32))
@@ -134,3 +165,24 @@ def test_an_eager_run_never_imports_torch_dynamo() -> None:
         GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=8)), OptimizerConfig(), True
     )
     assert type(compiled) is torch.optim.AdamW
+
+
+WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+def test_optimizer_methods_get_their_plain_function_before_dynamo_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In process (the subprocess test above is invisible to mutmut's coverage): each of the four
+    wrapped Optimizer methods is handed itself as its dynamo-disabled form, so calling it never
+    imports torch._dynamo; once torch._dynamo is imported they are left to torch."""
+    plain = {name: getattr(torch.optim.Optimizer, name).__wrapped__ for name in WRAPPED}
+    for fn in plain.values():
+        if hasattr(fn, "__dynamo_disable"):
+            monkeypatch.delattr(fn, "__dynamo_disable")
+    monkeypatch.setitem(sys.modules, "torch._dynamo", object())
+    optim._skip_dynamo_import()
+    assert not any(hasattr(fn, "__dynamo_disable") for fn in plain.values())
+    monkeypatch.delitem(sys.modules, "torch._dynamo")
+    optim._skip_dynamo_import()
+    assert {name: getattr(fn, "__dynamo_disable", None) for name, fn in plain.items()} == plain
