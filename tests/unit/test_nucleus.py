@@ -63,6 +63,19 @@ def test_the_token_that_crosses_p_is_kept() -> None:
     assert kept.tolist() == [[True, False, False, False]]
 
 
+def test_mass_exactly_at_p_already_holds_p() -> None:
+    """Two equal tokens hold exactly 0.5 each: with top_p=0.5 the first one reaches p by itself,
+    so the second is dropped (the rule is mass above >= p, not > p)."""
+    kept = next_token_probs(torch.zeros(1, 2), top_p=0.5) > 0
+    assert int(kept.sum()) == 1
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.1, 1.5, float("nan")])
+def test_a_top_p_outside_zero_to_one_is_refused_naming_it(top_p: float) -> None:
+    with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
+        next_token_probs(torch.zeros(1, 4), top_p=top_p)
+
+
 def test_the_most_likely_token_is_kept_however_small_p() -> None:
     logits = random_rows(100, 64, seed=3)
     kept = next_token_probs(logits, top_p=1e-12) > 0

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt.config import ConfigError
 from minigpt.model import GPT, GPTConfig
 from minigpt.sample import (
     MAX_HELD_TOKENS,
+    _decode_utf8,
     _stream,
     generate,
     greedy_next,
@@ -287,3 +289,22 @@ def test_bytes_that_never_form_a_character_are_written_not_held_for_ever():
     text = _stream(tokenizer, [0xFF] * 1000 + [ord("x")], out)
     assert text == "\ufffd" * 1000 + "x"
     assert tokenizer.longest <= MAX_HELD_TOKENS
+
+
+def test_a_stream_cut_inside_a_character_still_writes_and_returns_its_last_bytes():
+    """A generation that stops half way through a multi-byte character: the held bytes are
+    written (as U+FFFD) and returned, so the printed and returned text equal the full decode."""
+    tokenizer, out = CountingByteTokenizer(), Chunks()
+    ids = list("ab é".encode())[:-1]  # the last byte of é is never generated
+    text = _stream(tokenizer, ids, out)
+    assert text == out.getvalue() == ByteTokenizer().decode(ids) == "ab \ufffd"
+    assert out.chunks[-1] == "\ufffd"
+
+
+def test_prompt_bytes_decode_as_utf8_or_name_the_first_bad_byte():
+    assert _decode_utf8("prompt_file=p.txt", "é 漢".encode()) == "é 漢"
+    with pytest.raises(ConfigError) as err:
+        _decode_utf8("prompt_file=p.txt", b"ok \xff")
+    assert str(err.value).startswith(
+        "prompt_file=p.txt is not UTF-8 text: invalid byte 0xff at offset 3"
+    )
