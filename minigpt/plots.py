@@ -67,7 +67,13 @@ def plot_losses(
     _log_y(axes[0])  # the y axis is shared
     axes[0].set_ylabel("loss (nats/token, log scale)")
     _legend_below(fig, axes[0])
-    path = out / (LOSS_VS_STEP if x == "step" else LOSS_VS_TOKENS)
+    return _save(fig, out / (LOSS_VS_STEP if x == "step" else LOSS_VS_TOKENS))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure and free it (pyplot keeps every open figure alive otherwise)."""
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -147,10 +153,7 @@ def plot_val_loss_vs_params(jobs: list[Job], out: Path) -> Path | None:
     ax.set_xlabel("parameters")
     ax.set_ylabel("final val loss (log scale)")
     ax.set_title("Final validation loss vs model size (completed jobs)")
-    path = out / VAL_LOSS_VS_PARAMS
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / VAL_LOSS_VS_PARAMS)
 
 
 def shared_tokens_per_step(jobs: list[Job]) -> float | None:
@@ -185,10 +188,7 @@ def plot_lr(jobs: list[Job], out: Path) -> Path | None:
     ax.set_ylabel("learning rate")
     ax.grid(True, alpha=0.3)
     _legend_below(fig, ax)
-    path = out / LR_VS_STEP
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / LR_VS_STEP)
 
 
 def swept_plot_name(key: str) -> str:
@@ -237,10 +237,7 @@ def plot_val_loss_vs_swept(
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
-    path = out / swept_plot_name(key)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / swept_plot_name(key))
 
 
 SCALING_VS_PARAMS = "scaling_loss_vs_params.png"
@@ -293,10 +290,7 @@ def plot_power_law(
     ax.set_ylabel("final val loss (log scale)")
     ax.set_title(f"Scaling fit: final val loss vs {xlabel} (shaded: ±1 s.e.)")
     ax.legend(fontsize=8)
-    path = out / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / name)
 
 
 def plot_isoflop(budgets: list[Budget], out: Path) -> Path:
@@ -326,10 +320,7 @@ def plot_isoflop(budgets: list[Budget], out: Path) -> Path:
     ax.set_ylabel("final val loss (log scale)")
     ax.set_title("IsoFLOP: loss vs size per compute budget (★ loss-optimal N)")
     ax.legend(fontsize=8)
-    path = out / ISOFLOP
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / ISOFLOP)
 
 
 SEARCH_HISTORY = "search_history.png"
@@ -361,10 +352,7 @@ def plot_search_history(
     ax.set_ylabel("final val loss (log scale)")
     ax.set_title("Search: final validation loss over trials")
     ax.legend(fontsize=8)
-    path = out / SEARCH_HISTORY
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / SEARCH_HISTORY)
 
 
 def search_plot_name(key: str) -> str:
@@ -405,7 +393,4 @@ def plot_search_param(
     ax.set_ylabel("final val loss (log scale)")
     ax.set_title(f"Search: final validation loss vs {key}")
     ax.legend(fontsize=8)
-    path = out / search_plot_name(key)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, out / search_plot_name(key))

@@ -22,6 +22,24 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slur
 JOB_TIMEOUT_S = 420
 
 
+def _search_args(sweep_dir: Path, corpus: Path, cache: Path, trials: int) -> list[str]:
+    """A search of ``trials`` tiny jobs of 2 ranks each, all in one batch."""
+    return [
+        "-m",
+        "+sweep=search_lr",
+        "cluster=slurm_cpu",
+        "hydra.launcher.timeout_min=15",
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweeper.n_jobs={trials}",
+        "model=tiny",
+        *text_data_args(corpus, cache),
+        "train.device=cpu",
+        "train.batch_size=4",
+        "train.eval_steps=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+
+
 def test_search_on_slurm_tells_each_jobs_val_loss_and_a_failed_job_is_a_failed_trial(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:
@@ -30,21 +48,10 @@ def test_search_on_slurm_tells_each_jobs_val_loss_and_a_failed_job_is_a_failed_t
     sweep_dir = tmp_path / "search"
     result = run_entry(
         "train.py",
-        "-m",
-        "+sweep=search_lr",
-        "cluster=slurm_cpu",
-        "hydra.launcher.timeout_min=15",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.n_jobs=3",
+        *_search_args(sweep_dir, alphabet_corpus, cache_dir, trials=3),
         "hydra.sweeper.seed=1",
-        "model=tiny",
         "model.n_head=2,3",
-        *text_data_args(alphabet_corpus, cache_dir),
-        "train.device=cpu",
-        "train.batch_size=4",
         "train.max_steps=6",
-        "train.eval_steps=2",
-        f"hydra.sweep.dir={sweep_dir}",
         cwd=tmp_path,
         timeout=JOB_TIMEOUT_S,
     )
@@ -78,22 +85,11 @@ def test_a_requeued_trial_still_tells_the_search_its_val_loss(
     command = [
         sys.executable,
         str(ROOT / "train.py"),
-        "-m",
-        "+sweep=search_lr",
-        "cluster=slurm_cpu",
-        "hydra.launcher.timeout_min=15",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.n_jobs=2",
-        "model=tiny",
-        *text_data_args(alphabet_corpus, cache_dir),
-        "train.device=cpu",
-        "train.batch_size=4",
+        *_search_args(sweep_dir, alphabet_corpus, cache_dir, trials=2),
         "train.max_steps=600",
         "train.eval_every=300",
         "train.ckpt_every=300",
-        "train.eval_steps=2",
         "train.log_every=5",
-        f"hydra.sweep.dir={sweep_dir}",
     ]
     search = subprocess.Popen(
         command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
