@@ -7,7 +7,6 @@ each returned: the rules that span ranks need a real process group, not a mock o
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from minigpt.config import (
 )
 from minigpt.distributed import Dist
 from minigpt.trainer import Trainer
+from tests.conftest import free_port
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "gnomes", "sing"]
 PEAK = (1e12, "fixed by the test")  # measuring the machine's peak would take a second per run
@@ -90,12 +90,6 @@ def build_trainer(cfg: Config, run_dir: Path, dist: Dist | None = None) -> Train
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     """A copy of the model's parameters and buffers."""
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_ranks(fn: Callable[[Path, Dist], Any], root: Path) -> list[Any]:
