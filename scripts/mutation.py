@@ -4,7 +4,14 @@ to benchmarks/mutation/REPORT.md.
 
     make mutation                                        # every file in [tool.mutmut] only_mutate
     make mutation ARGS="--module optim --max-children 2" # one module (repeat --module for more)
+    python scripts/mutation.py --keep --module model     # add a module's verdicts to mutants/
+    python scripts/mutation.py --retest                  # after new tests: re-test the survivors
     python scripts/mutation.py --report-only             # rewrite the report from mutants/ as is
+
+A run without --keep or --retest starts afresh; the others add to the verdicts in mutants/ and
+the report lists every run that gave them, with its time. Adding tests can only kill more
+mutants, so re-testing the survivors gives the score a full run would; editing a mutated
+function renumbers its mutants, and mutmut then tests that function's mutants again.
 
 What is mutated and which tests run is configured in pyproject.toml's [tool.mutmut]. Mutants the
 developers judged equivalent (no test could tell them apart) are listed, with the reason, in
@@ -16,6 +23,7 @@ unmutated tests fail, which mutmut checks first).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -147,7 +155,7 @@ def stale_equivalents(results: dict[str, str], equivalent: dict[str, str]) -> li
 
 @dataclass
 class Run:
-    """How the mutmut run went, for the report's header."""
+    """How one mutmut run went, for the report's header."""
 
     command: str
     wall_s: float | None
@@ -155,25 +163,30 @@ class Run:
     load_before: tuple[float, ...]
     load_after: tuple[float, ...]
     threads: str
+    mutants: int | None = None  # verdicts this run gave (a --keep run tests only some)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__), encoding="utf-8")
 
-    @classmethod
-    def load(cls, path: Path) -> Run | None:
-        """The record a run left in mutants/, if any."""
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        data["load_before"], data["load_after"] = (
-            tuple(data[k]) for k in ("load_before", "load_after")
+def save_runs(runs: list[Run], path: Path) -> None:
+    path.write_text(json.dumps([r.__dict__ for r in runs]), encoding="utf-8")
+
+
+def load_runs(path: Path) -> list[Run]:
+    """The runs that gave mutants/ its verdicts, oldest first; [] when there is no record."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    runs = []
+    for item in data if isinstance(data, list) else [data]:  # one dict: an older record
+        item["load_before"], item["load_after"] = (
+            tuple(item[k]) for k in ("load_before", "load_after")
         )
-        return cls(**data)
+        runs.append(Run(**item))
+    return runs
 
 
 def render(
-    run: Run,
+    runs: list[Run],
     results: dict[str, str],
     equivalent: dict[str, str],
     diffs: dict[str, str],
@@ -190,24 +203,20 @@ def render(
         "",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- mutmut {_version('mutmut')}, torch {_version('torch')}, Python "
-        f"{platform.python_version()}",
-        f"- command: `{run.command}`",
-        f"- machine: {os.cpu_count()} cores, load average {_load(run.load_before)} before, "
-        f"{_load(run.load_after)} after; OMP_NUM_THREADS={run.threads}",
+        f"{platform.python_version()}; {os.cpu_count()} cores",
     ]
-    if run.wall_s is not None:
-        per_s = total.checked / run.wall_s if run.wall_s else 0
+    if not runs:
+        lines.append("- runs: no record of the runs that gave these verdicts")
+    for i, run in enumerate(runs, 1):
+        lines += _run_lines(run, i if len(runs) > 1 else None, total.checked)
+    if len(runs) > 1:
+        timed = [r.wall_s for r in runs if r.wall_s]
         lines.append(
-            f"- wall time: {run.wall_s / 60:.1f} min for {total.checked} mutants "
-            f"({per_s:.2f} mutants/s overall, generation and test-coverage collection included"
-            + (
-                f"; the mutants alone: {_rate(run, total.checked):.3f} mutants/s"
-                if run.mutant_phase_s
-                else ""
-            )
-            + ")"
+            f"- in all: {sum(timed) / 60:.1f} min over {len(runs)} runs; the verdicts of a later "
+            "run replace an earlier one's for the mutants it re-tested"
         )
-        lines += _extrapolation(run, results, total.checked)
+    if len(runs) == 1:
+        lines += _extrapolation(runs[0], results, total.checked)
     lines += ["", "## Score per module", ""]
     lines += [
         "score = killed / (mutants − equivalent); a timeout or suspicious mutant counts as not "
@@ -257,6 +266,27 @@ def _extrapolation(run: Run, results: dict[str, str], checked: int) -> list[str]
         f"- all configured modules: {everything} mutants; at this run's pace about {hours:.1f} h "
         "(rough: each mutant runs the tests that cover its function, and those differ by module)"
     ]
+
+
+def _run_lines(run: Run, number: int | None, checked: int) -> list[str]:
+    """One run's command, machine load and pace."""
+    head = f"- run {number}: " if number else "- "
+    lines = [
+        f"{head}command: `{run.command}`",
+        f"  - load average {_load(run.load_before)} before, {_load(run.load_after)} after; "
+        f"OMP_NUM_THREADS={run.threads}",
+    ]
+    if run.wall_s is None:
+        return lines
+    n = run.mutants if run.mutants is not None else checked
+    per_s = n / run.wall_s if run.wall_s else 0
+    lines.append(
+        f"  - wall time: {run.wall_s / 60:.1f} min for {n} mutants ({per_s:.2f} mutants/s "
+        "overall, generation and test-coverage collection included"
+        + (f"; the mutants alone: {_rate(run, n):.3f} mutants/s" if run.mutant_phase_s else "")
+        + ")"
+    )
+    return lines
 
 
 def _survivors(total: ModuleScore, diffs: dict[str, str]) -> list[str]:
@@ -386,8 +416,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--keep",
         action="store_true",
-        help="reuse mutants/ and its verdicts (mutmut re-tests only changed functions); "
-        "default: start afresh, so the wall time means something",
+        help="reuse mutants/ and its verdicts: without --module mutmut tests only mutants with "
+        "no verdict (of new or edited functions); with --module, every mutant of those "
+        "modules again. Default: start afresh",
+    )
+    p.add_argument(
+        "--retest",
+        action="store_true",
+        help="with mutants/ kept: re-test its survivors and timeouts (not those listed as "
+        "equivalent) against today's tests, e.g. after adding tests; the others' verdicts stand",
     )
     p.add_argument("--report-only", action="store_true", help="no run: report mutants/ as it is")
     p.add_argument("--output", type=Path, default=OUT / "REPORT.md")
@@ -402,29 +439,52 @@ def main(argv: list[str] | None = None) -> int:
     # One torch thread per mutant process unless told otherwise: mutmut's time limit is CPU time,
     # which threads multiply, and more threads than cores only spin.
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // children)))
-    command = ["mutmut", "run", "--max-children", str(children), *module_globs(args.module)]
-    run = Run(" ".join(command), None, None, (), (), env["OMP_NUM_THREADS"])
-    if args.report_only:
-        run = Run.load(RUN_RECORD) or Run("(no record of the run)", None, None, (), (), "?")
-    else:
-        if not args.keep:
+    equivalent = load_equivalent(OUT / "equivalent.toml")
+    fresh = not (args.keep or args.retest or args.report_only)
+    runs = [] if fresh else load_runs(RUN_RECORD)
+    if not args.report_only:
+        if fresh:
             shutil.rmtree(MUTANTS, ignore_errors=True)
+        names = module_globs(args.module)
+        shown = " ".join(names)
+        if args.retest:
+            if not MUTANTS.exists():
+                raise SystemExit("--retest needs the mutants/ of an earlier run")
+            names = retest_names(read_results(env), equivalent, names)
+            shown = f"<the {len(names)} survivors and timeouts of the runs before>"
+            if not names:
+                print("nothing to re-test: no survivor or timeout outside equivalent.toml")
+        run = Run(
+            f"mutmut run --max-children {children} {shown}".rstrip(),
+            None,
+            None,
+            (),
+            (),
+            env["OMP_NUM_THREADS"],
+        )
+        before = _verdicts(read_results(env)) if MUTANTS.exists() and not names else 0
         run.load_before = os.getloadavg()
         rc, run.wall_s, run.mutant_phase_s = run_mutmut(
-            [*_mutmut(), *command[1:]], env, MUTANTS / "run.log"
+            [*_mutmut(), "run", "--max-children", str(children), *names],
+            env,
+            MUTANTS / f"run{len(runs) + 1}.log",
         )
         run.load_after = os.getloadavg()
         if rc != 0:
-            print(f"\nmutmut failed (exit {rc}); its output: mutants/run.log", file=sys.stderr)
+            print(f"\nmutmut failed (exit {rc}); its output: mutants/run*.log", file=sys.stderr)
             return rc
-        run.save(RUN_RECORD)
+        after = read_results(env)
+        run.mutants = (
+            sum(1 for n in after if _matches(n, names)) if names else _verdicts(after) - before
+        )
+        runs.append(run)
+        save_runs(runs, RUN_RECORD)
     results = read_results(env)
     if not results:
         print("no mutants found: run without --report-only first", file=sys.stderr)
         return 1
-    equivalent = load_equivalent(OUT / "equivalent.toml")
     listed = [n for n, s in results.items() if s == "survived"]
-    report = render(run, results, equivalent, show(listed, env))
+    report = render(runs, results, equivalent, show(listed, env))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report, encoding="utf-8")
     total = overall([s for s in tally(results, equivalent) if s.checked])
@@ -434,6 +494,28 @@ def main(argv: list[str] | None = None) -> int:
         f"non-equivalent mutants); report: {args.output}"
     )
     return 0
+
+
+def retest_names(
+    results: dict[str, str], equivalent: dict[str, str], globs: list[str]
+) -> list[str]:
+    """The mutants worth testing again: survivors and timeouts not judged equivalent (named
+    one by one, mutmut re-tests them though they have a verdict), within ``globs`` if given."""
+    return sorted(
+        n
+        for n, status in results.items()
+        if status in ("survived", "timeout")
+        and n not in equivalent
+        and (not globs or _matches(n, globs))
+    )
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _verdicts(results: dict[str, str]) -> int:
+    return sum(1 for s in results.values() if s != "not checked")
 
 
 if __name__ == "__main__":

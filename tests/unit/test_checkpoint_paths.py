@@ -68,25 +68,61 @@ def test_resume_is_offered_last_pt(tmp_path: Path) -> None:
     assert f"pass one of its checkpoints: resume={run}/checkpoints/last.pt" in message
 
 
+def test_without_a_setting_the_suggestion_is_a_bare_path(tmp_path: Path) -> None:
+    run = run_folder(tmp_path / "run")
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(run)
+    assert str(err.value) == (
+        f"checkpoint {run} is a run folder; pass one of its checkpoints: "
+        f"{run}/checkpoints/best.pt "
+        "(checkpoints/ holds best.pt, last.pt, step_0000020.pt, step_0000040.pt)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("files", "pick"),
+    [
+        (["step_0000010.pt", "step_0000020.pt", "weights.pt"], "step_0000020.pt"),
+        (["model.pt", "notes.txt"], "model.pt"),
+        (["model.safetensors", "notes.txt"], "model.safetensors"),
+    ],
+)
+def test_without_best_or_last_the_newest_step_is_suggested_else_any_model_file(
+    tmp_path: Path, files: list[str], pick: str
+) -> None:
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"")
+    assert f"pass one of its checkpoints: checkpoint={folder}/{pick} (" in refusal(folder)
+
+
 def test_a_sweep_folder_and_a_day_of_runs_point_at_a_run_inside(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
     (sweep / "0").mkdir(parents=True)  # failed before its first save
-    run_folder(sweep / "1")
+    run_folder(sweep / "10")
+    run_folder(sweep / "2")  # the first run that saved, by number: 2 before 10
     assert refusal(sweep).endswith(
         f"is a sweep folder; pass a checkpoint of one of its runs: "
-        f"checkpoint={sweep}/1/checkpoints/best.pt"
+        f"checkpoint={sweep}/2/checkpoints/best.pt"
     )
     day = tmp_path / "2026-11-25"
     run_folder(day / "09-00-00")
     run_folder(day / "14-03-07")
-    assert refusal(day).endswith(f"checkpoint={day}/14-03-07/checkpoints/best.pt")  # the newest
+    assert refusal(day) == (
+        f"checkpoint={day} is a folder of runs; pass a checkpoint of one of its runs: "
+        f"checkpoint={day}/14-03-07/checkpoints/best.pt"  # the newest
+    )
 
 
 def test_a_run_without_checkpoints_and_a_plain_folder_say_so(tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    assert refusal(tmp_path / "run").endswith(
-        "is a run folder that has saved no checkpoint yet; wait for its first save"
-    )
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "run.json").write_text("{}")  # written before checkpoints/ exists
+    for run in ("run", "early"):
+        assert refusal(tmp_path / run).endswith(
+            "is a run folder that has saved no checkpoint yet; wait for its first save"
+        )
     (tmp_path / "notes").mkdir()
     assert refusal(tmp_path / "notes") == (
         f"checkpoint={tmp_path}/notes is a folder; give a checkpoint file (.pt) or a "
@@ -99,6 +135,21 @@ def test_a_missing_file_lists_what_its_folder_holds(tmp_path: Path) -> None:
     assert refusal(run / "checkpoints" / "best.pt") == (
         f"checkpoint={run}/checkpoints/best.pt does not exist; {run}/checkpoints holds "
         "last.pt, step_0000020.pt, step_0000040.pt"
+    )
+
+
+def test_a_missing_file_sums_up_many_step_files_and_lists_other_model_files(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    steps = ["step_0000010.pt", "step_0000020.pt", "step_0000030.pt"]
+    for name in ["last.pt", "best.pt", *steps, "export.pt", "model.safetensors", "notes.txt"]:
+        (folder / name).write_bytes(b"")
+    (folder / ".last.pt.x1.tmp").write_bytes(b"")
+    assert refusal(folder / "step_0000040.pt") == (
+        f"checkpoint={folder}/step_0000040.pt does not exist; {folder} holds best.pt, last.pt, "
+        "3 step files (step_0000010.pt to step_0000030.pt), export.pt, model.safetensors"
     )
 
 
@@ -196,3 +247,34 @@ def test_a_model_saved_whole_is_named_by_its_class_and_never_run(tmp_path: Path)
         checkpoint.load(path)
     assert "is a torch file holding torch.nn.modules.linear.Linear objects" in str(err.value)
     assert "nothing in it ran" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("state", "what"),
+    [
+        (torch.zeros(2, 3), "a torch file holding one tensor of shape [2, 3]"),
+        ([1, 2], "a torch file holding list data"),
+        ({"format": "nanogpt", "step": 1}, "a torch file of format 'nanogpt', not 'minigpt'"),
+        (
+            {"w": torch.zeros(1)},
+            "a bare state dict (1 tensor), without the model config or tokenizer",
+        ),
+        (
+            {"w": torch.zeros(1), "b": torch.zeros(1)},
+            "a bare state dict (2 tensors), without the model config or tokenizer",
+        ),
+        (dict.fromkeys("abcde", 0), "a torch file of another program (its keys: a, b, c, d, e)"),
+        (
+            dict.fromkeys("abcdef", 0),
+            "a torch file of another program (its keys: a, b, c, d, e, ...)",
+        ),
+    ],
+)
+def test_a_torch_file_of_another_kind_says_what_it_holds(
+    tmp_path: Path, state: object, what: str
+) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == f"{path} is not a minigpt checkpoint: it is {what}"

@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from minigpt import data
 from minigpt import documents as sources
-from minigpt.batches import BatchSampler, eval_batches
+from minigpt.batches import BatchSampler, EvalBatches, eval_batches
 from minigpt.config import ConfigError, DataConfig
 from minigpt.data import prepare_corpus
 from minigpt.documents import split_documents, stdlib_files
@@ -659,6 +659,75 @@ def test_uneven_batch_split_and_too_short_data_are_rejected(ramp) -> None:
         BatchSampler(ramp, 16, 6, seed=0).batch(0, 0, 4, 0, 1)
     with pytest.raises(ConfigError, match="model.block_size=5000"):
         BatchSampler(ramp, 5000, 8, seed=0)
+
+
+def test_a_resume_with_another_batch_shape_says_what_to_keep(ramp) -> None:
+    state = BatchSampler(ramp, 16, 8, seed=11).state_dict()
+    with pytest.raises(ConfigError) as err:
+        BatchSampler(ramp, 32, 16, seed=0).load_state_dict(state)
+    assert str(err.value) == (
+        "the checkpoint was trained with global batch 8 and model.block_size=16, this run has 16 "
+        "and 32; keep train.batch_size x ranks x train.grad_accum and model.block_size when "
+        "resuming, or start a new run in its own hydra.run.dir"
+    )
+
+
+@pytest.mark.parametrize(
+    ("split", "fix"),
+    [
+        ("train", "use a smaller model.block_size or more data"),
+        ("val", "raise data.val_fraction, use a smaller model.block_size or more data"),
+    ],
+)
+def test_a_split_one_token_short_of_a_window_is_a_config_error_naming_the_fix(
+    split: str, fix: str
+) -> None:
+    short = np.arange(16, dtype=np.uint16)
+    with pytest.raises(ConfigError) as err:
+        if split == "train":
+            BatchSampler(short, 16, 4, seed=0)
+        else:
+            eval_batches(short, 16, batch_size=4, n_batches=1)
+    assert str(err.value) == (
+        f"the {split} split has 16 tokens but model.block_size=16 needs at least 17; {fix}"
+    )
+
+
+def test_a_split_of_exactly_one_window_always_draws_that_window() -> None:
+    """block_size + 1 tokens are enough: one window, starting at offset 0, for train and val."""
+    one = np.arange(17, dtype=np.uint16)
+    window = torch.arange(16).expand(4, 16)
+    for x, y in (
+        BatchSampler(one, 16, 4, seed=0).batch(0, 0, 1, 0, 1),
+        eval_batches(one, 16, batch_size=4, n_batches=1)[0],
+    ):
+        assert torch.equal(x, window) and torch.equal(y, window + 1)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_seeds_are_taken_modulo_2_to_the_64(ramp, split: str) -> None:
+    """numpy seeds only from non-negative ints: -1 draws as 2**64 - 1; seeds 1 and 3 differ."""
+
+    def starts(seed: int) -> list[int]:
+        if split == "train":
+            return BatchSampler(ramp, 16, 8, seed).global_offsets(3).tolist()
+        return eval_batches(ramp, 16, 8, 4, seed)[3][0][:, 0].tolist()
+
+    assert starts(-1) == starts(2**64 - 1)
+    assert starts(1) != starts(3)
+
+
+def test_eval_batches_default_to_seed_0(ramp) -> None:
+    """The trainer passes no seed: every run's val batches are seed 0's, so losses compare."""
+    default, seed_0 = eval_batches(ramp, 16, 4, 2), EvalBatches(ramp, 16, 4, 2, seed=0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(default, seed_0, strict=True))
+    assert not torch.equal(default[0][0], EvalBatches(ramp, 16, 4, 2, seed=1)[0][0])
+
+
+@pytest.mark.parametrize(("i", "shown"), [(3, 3), (-4, -1)])
+def test_an_eval_batch_out_of_range_is_an_index_error_naming_it(ramp, i: int, shown: int) -> None:
+    with pytest.raises(IndexError, match=rf"^batch {shown} of 3$"):
+        eval_batches(ramp, 16, batch_size=4, n_batches=3)[i]
 
 
 def test_eval_batches_are_built_on_demand_whatever_their_number(ramp) -> None:

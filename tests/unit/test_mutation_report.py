@@ -90,7 +90,7 @@ def test_report_lists_survivors_with_diffs_and_equivalents_with_reasons() -> Non
     equivalent = {"minigpt.optim.xǁAdamWǁstep__mutmut_1": "step's closure is never passed"}
     run = mut.Run("mutmut run --max-children 1", 60.0, 40.0, (1.0,), (2.0,), "1")
     diffs = {"minigpt.optim.x_lr_at__mutmut_2": "-    return a\n+    return b"}
-    report = mut.render(run, results, equivalent, diffs)
+    report = mut.render([run], results, equivalent, diffs)
     assert "| `minigpt/optim.py` | 5 | 1 | 1 | 1 | 0 | 1 | 0 | 1 | 25.0% |" in report
     assert "| **all** | 6 | 2 | 1 | 1 | 0 | 1 | 0 | 1 | 40.0% |" in report
     assert "## Surviving mutants (1)" in report and "+    return b" in report
@@ -111,8 +111,39 @@ def test_module_filter_becomes_a_mutant_glob(given: str, glob: str) -> None:
 
 def test_a_stopped_run_reports_its_pending_mutants_and_keeps_its_record(tmp_path: Path) -> None:
     run = mut.Run("mutmut run --max-children 1 minigpt.optim.*", 600.0, None, (7.5,), (6.0,), "1")
-    run.save(tmp_path / "run.json")
-    assert mut.Run.load(tmp_path / "run.json") == run
-    assert mut.Run.load(tmp_path / "missing.json") is None
-    report = mut.render(run, mut.parse_results(LISTING), {}, {})
+    mut.save_runs([run], tmp_path / "run.json")
+    assert mut.load_runs(tmp_path / "run.json") == [run]
+    assert mut.load_runs(tmp_path / "missing.json") == []
+    report = mut.render([run], mut.parse_results(LISTING), {}, {})
     assert "1 mutants of these modules have no verdict" in report  # sample's 'not checked'
+
+
+def test_a_record_of_one_run_from_before_histories_still_loads(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(
+        '{"command": "mutmut run", "wall_s": 5.0, "mutant_phase_s": 4.0, "load_before": [1.0], '
+        '"load_after": [2.0], "threads": "1"}'
+    )
+    assert mut.load_runs(tmp_path / "run.json") == [
+        mut.Run("mutmut run", 5.0, 4.0, (1.0,), (2.0,), "1")
+    ]
+
+
+def test_every_run_that_gave_verdicts_is_reported_with_its_time() -> None:
+    first = mut.Run("mutmut run minigpt.optim.*", 600.0, 500.0, (2.0,), (2.0,), "1", mutants=6)
+    retest = mut.Run("mutmut run <the 2 survivors>", 120.0, 60.0, (2.0,), (2.0,), "1", mutants=2)
+    report = mut.render([first, retest], mut.parse_results(LISTING), {}, {})
+    assert "- run 1: command: `mutmut run minigpt.optim.*`" in report
+    assert "wall time: 10.0 min for 6 mutants" in report
+    assert "- run 2: command: `mutmut run <the 2 survivors>`" in report
+    assert "wall time: 2.0 min for 2 mutants" in report
+    assert "- in all: 12.0 min over 2 runs" in report
+
+
+def test_retest_takes_survivors_and_timeouts_not_equivalents_within_the_filter() -> None:
+    results = mut.parse_results(LISTING)
+    equivalent = {"minigpt.optim.xǁAdamWǁstep__mutmut_1": "step's closure is never passed"}
+    assert mut.retest_names(results, equivalent, []) == [
+        "minigpt.optim.x_lr_at__mutmut_2",
+        "minigpt.optim.x_lr_at__mutmut_3",
+    ]
+    assert mut.retest_names(results, {}, ["minigpt.sample.*"]) == []

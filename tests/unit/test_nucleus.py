@@ -111,6 +111,13 @@ def test_top_p_one_keeps_every_token_of_a_large_vocabulary() -> None:
     assert int(nearly.sum(dim=-1).min()) > 50_000
 
 
+def test_top_p_one_is_no_filter_even_for_tokens_too_unlikely_to_add_up() -> None:
+    """The tail here is below float64's resolution next to the top token (1 + 1e-26 == 1): a
+    running sum would say the top token already holds all the mass. top_p=1 filters nothing."""
+    logits = torch.tensor([[0.0, -60.0, -60.0, -60.0]])
+    assert bool((next_token_probs(logits, 1.0, None, 1.0) > 0).all())
+
+
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.8, None, 0.9), (1.3, 6, 0.8)])
 def test_sampling_frequencies_follow_the_renormalised_nucleus(
     temperature: float, top_k: int | None, top_p: float

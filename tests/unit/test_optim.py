@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -59,6 +60,40 @@ def test_weight_decay_applies_to_matrices_only() -> None:
     n_grouped = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_grouped == sum(p.numel() for p in model.parameters())
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_optimizer_is_the_fused_adamw_at_the_configured_lr(compile: bool) -> None:
+    """Fused wherever this PyTorch has it (CPU included); lr and betas come from the config."""
+    cfg = OptimizerConfig(lr=3e-4, min_lr=0.0, betas=[0.8, 0.9])
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg, compile)
+    assert opt.defaults["fused"] is True and opt.defaults["foreach"] is None
+    assert [(g["lr"], g["betas"]) for g in opt.param_groups] == [(3e-4, (0.8, 0.9))] * 2
+
+
+class _AdamWWithoutFused(torch.optim.AdamW):
+    """torch.optim.AdamW as an older PyTorch has it: no ``fused`` keyword."""
+
+    def __init__(
+        self,
+        params: object,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_pytorch_without_fused_adamw_gets_the_foreach_one(
+    monkeypatch: pytest.MonkeyPatch, compile: bool
+) -> None:
+    """Where AdamW has no ``fused`` keyword, the multi-tensor (foreach) update is asked for."""
+    monkeypatch.setattr(torch.optim, "AdamW", _AdamWWithoutFused)
+    opt = build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(), compile)
+    assert opt.defaults["foreach"] is True and opt.defaults["fused"] is None
 
 
 @pytest.mark.parametrize(("warmup", "max_steps"), [(100, 60), (60, 60)])
@@ -185,4 +220,48 @@ def test_optimizer_methods_get_their_plain_function_before_dynamo_is_imported(
     assert not any(hasattr(fn, "__dynamo_disable") for fn in plain.values())
     monkeypatch.delitem(sys.modules, "torch._dynamo")
     optim._skip_dynamo_import()
+    assert {name: getattr(fn, "__dynamo_disable", None) for name, fn in plain.items()} == plain
+
+
+def _plain_functions_without_a_disabled_form(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The four wrapped methods' plain functions, none yet given a dynamo-disabled form, and
+    torch._dynamo not imported (all put back after the test)."""
+    plain = {name: getattr(torch.optim.Optimizer, name).__wrapped__ for name in WRAPPED}
+    for fn in plain.values():
+        if hasattr(fn, "__dynamo_disable"):
+            monkeypatch.delattr(fn, "__dynamo_disable")
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    return plain
+
+
+def test_a_dynamo_disabled_form_already_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a method without one is given itself: a form torch (or a compile) set stays."""
+    plain = _plain_functions_without_a_disabled_form(monkeypatch)
+    marker = object()
+    for fn in plain.values():
+        monkeypatch.setattr(fn, "__dynamo_disable", marker, raising=False)
+    optim._skip_dynamo_import()
+    assert all(getattr(fn, "__dynamo_disable") is marker for fn in plain.values())
+
+
+@pytest.mark.parametrize("layout", ["missing", "not_wrapped", "other_wrapper", "wrapper_object"])
+def test_an_optimizer_method_laid_out_otherwise_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """On a PyTorch where zero_grad is missing, plain, or wrapped by something other than
+    _disable_dynamo (a function or an object without __code__), nothing is changed there and
+    nothing raises; the other three methods are still given their plain function."""
+    plain = _plain_functions_without_a_disabled_form(monkeypatch)
+    zero_grad = plain.pop("zero_grad")
+    replacement = {
+        "not_wrapped": zero_grad,
+        "other_wrapper": functools.wraps(zero_grad)(lambda *a, **k: zero_grad(*a, **k)),
+        "wrapper_object": functools.lru_cache(zero_grad),
+    }
+    if layout == "missing":
+        monkeypatch.delattr(torch.optim.Optimizer, "zero_grad")
+    else:
+        monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", replacement[layout])
+    optim._skip_dynamo_import()
+    assert not hasattr(zero_grad, "__dynamo_disable")
     assert {name: getattr(fn, "__dynamo_disable", None) for name, fn in plain.items()} == plain

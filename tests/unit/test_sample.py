@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from minigpt.sample import (
     _stream,
     generate,
     greedy_next,
+    next_token_probs,
     sample_next,
     window_after,
 )
@@ -144,21 +146,92 @@ def test_ordinary_temperatures_sample_as_softmax_of_logits_over_temperature(temp
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "message"),
     [
-        {"top_k": 0},
-        {"top_p": 0.0},
-        {"top_p": 1.5},
-        {"top_p": math.nan},
-        {"temperature": -1},
-        {"temperature": math.inf},
-        {"temperature": math.nan},
+        ({"top_k": 0}, r"top_k=0 must be >= 1 \(or None to disable\)"),
+        ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+        ({"top_p": math.nan}, r"top_p=nan must be in \(0, 1\]"),
+        ({"temperature": -1}, r"temperature=-1 must be finite and > 0 \(0 means greedy\)"),
+        ({"temperature": math.inf}, r"temperature=inf must be finite and > 0"),
+        ({"temperature": math.nan}, r"temperature=nan must be finite and > 0"),
     ],
 )
-def test_sample_next_rejects_invalid_settings(bad):
+def test_sample_next_rejects_invalid_settings_naming_them(bad, message):
     settings = {"temperature": 1.0, "top_k": None, "top_p": None} | bad
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         sample_next(random_logits(), **settings)
+
+
+def test_a_distribution_at_temperature_zero_is_refused_sample_next_goes_greedy_instead():
+    """0 means greedy in sample_next, which never reaches the division; next_token_probs itself
+    has no distribution to give at 0 and says so rather than dividing by zero."""
+    with pytest.raises(ValueError, match=r"temperature=0.0 must be finite and > 0"):
+        next_token_probs(random_logits(), 0.0)
+
+
+def test_sampling_raises_no_warning():
+    """A softmax over an implicit dimension warns (deprecated); every filter names its dim."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample_next(random_logits(), 0.7, top_k=5, top_p=0.9)
+        next_token_probs(random_logits(), 1.0)
+
+
+def test_the_default_temperature_is_one():
+    logits = random_logits(batch=64)
+
+    def draw(**kwargs) -> torch.Tensor:
+        return sample_next(logits, generator=torch.Generator().manual_seed(5), **kwargs)
+
+    assert torch.equal(draw(), draw(temperature=1.0))
+    assert not torch.equal(draw(), draw(temperature=2.0))
+    model = context_sensitive_model()  # peaked logits: the temperature changes what is drawn
+
+    def run(**kwargs) -> torch.Tensor:
+        g = torch.Generator().manual_seed(5)
+        return collect(model, prompt_tokens(8, 4), 6, generator=g, **kwargs)
+
+    assert torch.equal(run(), run(temperature=1.0))
+    assert not torch.equal(run(), run(temperature=2.0))
+
+
+@pytest.mark.parametrize("filters", [{"top_k": 1}, {"top_p": 1e-9}])
+def test_generate_passes_its_filters_to_the_sampler(filters):
+    """top_k=1 and a tiny top_p leave one token: sampling becomes greedy decoding."""
+    model = context_sensitive_model()
+    g = torch.Generator().manual_seed(0)
+    sampled = collect(model, prompt_tokens(4, 3), 8, temperature=3.0, generator=g, **filters)
+    assert torch.equal(sampled, collect(model, prompt_tokens(4, 3), 8, greedy=True))
+
+
+@pytest.mark.parametrize("use_cache", [None, True, False])
+def test_the_cache_is_used_by_default_and_never_allocated_without_it(use_cache, monkeypatch):
+    model = tiny_model()
+    made = []
+    real = model.new_kv_cache
+    monkeypatch.setattr(model, "new_kv_cache", lambda *a, **k: made.append(1) or real(*a, **k))
+    kwargs = {} if use_cache is None else {"use_cache": use_cache}
+    assert collect(model, prompt_tokens(2, 4), 3, greedy=True, **kwargs).shape == (2, 3)
+    assert made == ([] if use_cache is False else [1])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (torch.zeros(4, dtype=torch.long), r"prompt must be \[batch, tokens\] .* got \(4,\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"with tokens >= 1, got \(2, 0\)"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"got \(1, 2, 3\)"),
+    ],
+)
+def test_a_prompt_that_is_not_batch_by_tokens_is_refused_with_its_shape(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        next(generate(tiny_model(), prompt, 3))
+
+
+def test_a_negative_token_count_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"max_new_tokens=-1 must be >= 0"):
+        next(generate(tiny_model(), prompt_tokens(1, 4), -1))
 
 
 def test_generate_streams_one_token_batch_per_step():
@@ -243,8 +316,9 @@ def test_generate_runs_in_eval_mode_and_restores_training_mode():
     assert tokens.shape == (1, 3)
 
 
-def test_generate_yields_nothing_for_zero_new_tokens():
-    assert list(generate(tiny_model(), prompt_tokens(1, 4), 0)) == []
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_generate_yields_exactly_the_tokens_asked_for(n):
+    assert len(list(generate(tiny_model(), prompt_tokens(1, 4), n))) == n
 
 
 def test_a_billion_new_tokens_stream_without_allocating_for_them():
