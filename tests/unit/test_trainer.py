@@ -24,6 +24,7 @@ from minigpt.trainer import Trainer, TrainingError
 from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
+    credit_rank_calls,
     tiny_config,
     two_ranks,
     weights,
@@ -304,10 +305,23 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def _spawned_ranks(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, list[dict[str, Any]], set[str]]:
     root = tmp_path_factory.mktemp("two_ranks")
     write_corpus(root / "corpus")
-    return root, two_ranks(_on_two_ranks, root)
+    return root, *two_ranks(_on_two_ranks, root)
+
+
+@pytest.fixture
+def two_rank_runs(
+    _spawned_ranks: tuple[Path, list[dict[str, Any]], set[str]],
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The two-rank runs, spawned once per module; each test that reads them is credited with
+    what the ranks called (see trainer_setup)."""
+    root, ranks, called = _spawned_ranks
+    credit_rank_calls(called)
+    return root, ranks
 
 
 @pytest.mark.distributed

@@ -2,10 +2,16 @@
 
 ``two_ranks`` runs a function on two real ranks (gloo, spawned processes) and hands back what
 each returned: the rules that span ranks need a real process group, not a mock of one.
+
+The mutation run (make mutation) maps each function to the tests that call it, by recording
+calls in its own process only; ``two_ranks`` brings back what the spawned ranks called, and
+``credit_rank_calls`` hands that to it, so that a mutant the ranks run is tested by the
+two-rank tests too.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -92,14 +98,32 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def two_ranks(fn: Callable[[Path, Dist], Any], root: Path) -> list[Any]:
-    """``fn(root, dist)`` on ranks 0 and 1 of a gloo group; what each returned, in rank order.
+def two_ranks(fn: Callable[[Path, Dist], Any], root: Path) -> tuple[list[Any], set[str]]:
+    """``fn(root, dist)`` on ranks 0 and 1 of a gloo group: what each returned, in rank order,
+    and the functions mutmut saw them call (empty outside its coverage pass).
 
     ``fn`` must be importable (a module-level function): the ranks are spawned processes.
     """
     port = free_port()
     mp.spawn(_rank_main, args=(fn, root, port), nprocs=2, join=True)
-    return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    out = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [o["returned"] for o in out], set().union(*(o["called"] for o in out))
+
+
+def credit_rank_calls(called: set[str]) -> None:
+    """Count the ranks' calls as the running test's, in mutmut's coverage pass."""
+    if called:
+        from mutmut.state import state  # present whenever a pass recorded calls
+
+        state()._stats.update(called)
+
+
+def _calls_recorded_by_mutmut() -> set[str]:
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        return set()
+    from mutmut.state import state
+
+    return set(state()._stats)
 
 
 def _rank_main(rank: int, fn: Callable[[Path, Dist], Any], root: Path, port: int) -> None:
@@ -108,6 +132,8 @@ def _rank_main(rank: int, fn: Callable[[Path, Dist], Any], root: Path, port: int
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     dist = Dist(rank=rank, local_rank=rank, world_size=2, local_world_size=2, backend="gloo")
     try:
-        torch.save(fn(root, dist), root / f"rank{rank}.pt")
+        returned = fn(root, dist)
+        called = _calls_recorded_by_mutmut()
+        torch.save({"returned": returned, "called": called}, root / f"rank{rank}.pt")
     finally:
         distributed.teardown(dist)
