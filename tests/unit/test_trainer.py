@@ -20,7 +20,7 @@ from minigpt.batches import BatchSampler
 from minigpt.distributed import Dist
 from minigpt.optim import lr_at
 from minigpt.signals import StopRequested
-from minigpt.trainer import Trainer, TrainingError
+from minigpt.trainer import Trainer, TrainingError, _dropout_seed
 from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
@@ -111,6 +111,34 @@ def test_logged_lr_is_the_one_the_optimizer_used(root: Path) -> None:
     logged = [e["lr"] for e in _metrics(root / "run") if "lr" in e]
     assert logged == pytest.approx(used, rel=1e-12) and len(logged) == 4
     assert used[0] != used[1] != used[3]  # warm-up then decay: the check can see a wrong step
+
+
+def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(root: Path) -> None:
+    """Train lines every log_every steps and at the last, evaluations every eval_every steps and
+    at the last; perplexity is exp(loss); throughput counts the tokens each step really saw."""
+    cfg = tiny_config(root, max_steps=5, log_every=2, eval_every=3)
+    trainer = build_trainer(cfg, root / "run")
+    returned = trainer.fit()
+    entries: dict[int, dict[str, Any]] = {}
+    for e in _metrics(root / "run"):  # a step's samples are a line of their own
+        entries.setdefault(e["step"], {}).update(e)
+    train = {s: e for s, e in entries.items() if "train/loss" in e}
+    val = {s: e for s, e in entries.items() if "val/loss" in e}
+    assert list(train) == [2, 4, 5] and list(val) == [3, 5]
+    for e in val.values():
+        assert e["val/perplexity"] == pytest.approx(math.exp(e["val/loss"]), rel=1e-12)
+    for e in train.values():
+        assert isinstance(e["grad_norm"], float) and e["grad_norm"] > 0
+        per_step = e["tokens_per_sec"] * e["step_time_ms"] / 1e3
+        assert per_step == pytest.approx(4 * 16, rel=1e-6)  # batch 4 x block 16, one rank
+    assert returned == val[5]["val/loss"]
+    assert isinstance(trainer.startup_s, float) and trainer.startup_s > 0
+
+
+def test_dropout_seeds_are_64_bit_and_differ_by_seed_step_and_slice() -> None:
+    seeds = {_dropout_seed(s, t, p) for s in range(3) for t in range(3) for p in range(3)}
+    assert len(seeds) == 27
+    assert max(seeds) >= 2**32 and all(0 <= x < 2**64 for x in seeds)
 
 
 def test_global_batch_splits_rank_major() -> None:
