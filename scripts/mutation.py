@@ -416,9 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--keep",
         action="store_true",
-        help="reuse mutants/ and its verdicts: without --module mutmut tests only mutants with "
-        "no verdict (of new or edited functions); with --module, every mutant of those "
-        "modules again. Default: start afresh",
+        help="reuse mutants/ and its verdicts: test only the mutants with none (of new or "
+        "edited functions, or not reached before), within --module if given. Default: start "
+        "afresh",
     )
     p.add_argument(
         "--retest",
@@ -452,33 +452,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("--retest needs the mutants/ of an earlier run")
             names = retest_names(read_results(env), equivalent, names)
             shown = f"<the {len(names)} survivors and timeouts of the runs before>"
-            if not names:
-                print("nothing to re-test: no survivor or timeout outside equivalent.toml")
-        run = Run(
-            f"mutmut run --max-children {children} {shown}".rstrip(),
-            None,
-            None,
-            (),
-            (),
-            env["OMP_NUM_THREADS"],
-        )
-        before = _verdicts(read_results(env)) if MUTANTS.exists() and not names else 0
-        run.load_before = os.getloadavg()
-        rc, run.wall_s, run.mutant_phase_s = run_mutmut(
-            [*_mutmut(), "run", "--max-children", str(children), *names],
-            env,
-            MUTANTS / f"run{len(runs) + 1}.log",
-        )
-        run.load_after = os.getloadavg()
-        if rc != 0:
-            print(f"\nmutmut failed (exit {rc}); its output: mutants/run*.log", file=sys.stderr)
-            return rc
-        after = read_results(env)
-        run.mutants = (
-            sum(1 for n in after if _matches(n, names)) if names else _verdicts(after) - before
-        )
-        runs.append(run)
-        save_runs(runs, RUN_RECORD)
+        elif args.keep and names and MUTANTS.exists():
+            # Named one by one, mutmut would test again those with a verdict: name the others.
+            results = read_results(env)
+            names = sorted(
+                n for n, s in results.items() if s == "not checked" and _matches(n, names)
+            )
+            shown += f" (the {len(names)} without a verdict)"
+        if (args.retest or (args.keep and args.module)) and not names:
+            print("nothing to test: every mutant asked for has its verdict")
+        else:
+            rc = _run_and_record(runs, names, shown, children, env)
+            if rc != 0:
+                return rc
     results = read_results(env)
     if not results:
         print("no mutants found: run without --report-only first", file=sys.stderr)
@@ -493,6 +479,37 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmutation score: {_pct(total.score)} ({total.count('killed')} killed of {judged} "
         f"non-equivalent mutants); report: {args.output}"
     )
+    return 0
+
+
+def _run_and_record(
+    runs: list[Run], names: list[str], shown: str, children: int, env: dict[str, str]
+) -> int:
+    """Run mutmut on ``names`` (all mutants without a verdict when empty); add the run to the
+    record in mutants/."""
+    run = Run(
+        f"mutmut run --max-children {children} {shown}".rstrip(),
+        None,
+        None,
+        (),
+        (),
+        env["OMP_NUM_THREADS"],
+    )
+    explicit = bool(names) and not any("*" in n for n in names)
+    before = _verdicts(read_results(env)) if MUTANTS.exists() and not explicit else 0
+    run.load_before = os.getloadavg()
+    rc, run.wall_s, run.mutant_phase_s = run_mutmut(
+        [*_mutmut(), "run", "--max-children", str(children), *names],
+        env,
+        MUTANTS / f"run{len(runs) + 1}.log",
+    )
+    run.load_after = os.getloadavg()
+    if rc != 0:
+        print(f"\nmutmut failed (exit {rc}); its output: mutants/run*.log", file=sys.stderr)
+        return rc
+    run.mutants = len(names) if explicit else _verdicts(read_results(env)) - before
+    runs.append(run)
+    save_runs(runs, RUN_RECORD)
     return 0
 
 
