@@ -145,7 +145,8 @@ def test_cached_incremental_decoding_matches_full_forward():
         full, _ = model(idx)
         chunks = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill
         chunks += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 9)]
-        chunks.append(model(idx[:, 9:16], kv_cache=cache)[0])  # several queries after a cache
+        chunks.append(model(idx[:, 9:11], kv_cache=cache)[0])  # two queries after a cache
+        chunks.append(model(idx[:, 11:16], kv_cache=cache)[0])  # several
     assert cache.length == 16
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
@@ -167,8 +168,37 @@ def test_kv_cache_is_preallocated_per_layer():
     cache = GPT(cfg).new_kv_cache(3, dtype=torch.bfloat16)
     head_dim = cfg.d_model // cfg.n_head
     assert len(cache.k) == len(cache.v) == cfg.n_layer
-    assert cache.k[0].shape == (3, cfg.n_head, cfg.block_size, head_dim)
-    assert cache.k[0].dtype == torch.bfloat16
+    assert cache.k[0].shape == cache.v[-1].shape == (3, cfg.n_head, cfg.block_size, head_dim)
+    assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
+
+
+def test_kv_cache_defaults_to_the_models_device_and_dtype_and_takes_others():
+    """The meta device stands in for an accelerator: CPU-only tests can still see a tensor
+    land on the wrong device."""
+    model = GPT(tiny_config()).to(dtype=torch.bfloat16)
+    cache = model.new_kv_cache(1)
+    assert {(t.device.type, t.dtype) for t in cache.k + cache.v} == {("cpu", torch.bfloat16)}
+    cache = model.new_kv_cache(1, device="meta", dtype=torch.float16)
+    assert {(t.device.type, t.dtype) for t in cache.k + cache.v} == {("meta", torch.float16)}
+    with torch.device("meta"):
+        on_meta = GPT(tiny_config())
+    cache = on_meta.new_kv_cache(1)
+    assert {(t.device.type, t.dtype) for t in cache.k + cache.v} == {("meta", torch.float32)}
+
+
+def test_the_attention_mask_is_made_on_the_queries_device():
+    mask = model_module._attention_mask(2, 5, torch.device("meta"))
+    assert mask is not None and mask.device.type == "meta" and mask.shape == (2, 5)
+
+
+def test_a_cache_overflow_names_both_lengths():
+    """The model refuses a too-long sequence first; the cache guards its own buffers too."""
+    cache = model_module.KVCache(n_layer=1, batch_size=1, n_head=2, max_len=16, head_dim=4)
+    cache.update(0, torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4))
+    cache.advance(10)
+    kv = torch.zeros(1, 2, 7, 4)
+    with pytest.raises(ValueError, match=r"^KV cache overflow: 17 positions > max_len 16$"):
+        cache.update(0, kv, kv)
 
 
 def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
