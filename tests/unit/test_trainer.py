@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,33 @@ def test_logged_lr_is_the_one_the_optimizer_used(root: Path) -> None:
     assert used[0] != used[1] != used[3]  # warm-up then decay: the check can see a wrong step
 
 
-def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(root: Path) -> None:
+def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Train lines every log_every steps and at the last, evaluations every eval_every steps and
-    at the last; perplexity is exp(loss); throughput counts the tokens each step really saw."""
-    cfg = tiny_config(root, max_steps=5, log_every=2, eval_every=3)
+    at the last, checkpoints every ckpt_every steps and at each evaluation, samples printed
+    every sample_every steps and at the last (and logged at each evaluation too); perplexity is
+    exp(loss); throughput counts the tokens each step really saw."""
+    cfg = tiny_config(
+        root,
+        max_steps=5,
+        log_every=2,
+        eval_every=3,
+        ckpt_every=2,
+        sample_every=2,
+        keep_last=9,
+        progress="lines",  # printed samples reach stdout
+    )
     trainer = build_trainer(cfg, root / "run")
     returned = trainer.fit()
+    printed = re.findall(r"--- sample at step (\d+) ---", capsys.readouterr().out)
+    assert [int(s) for s in printed] == [2, 4, 5]
+    saved = checkpoint.step_checkpoints(checkpoint.checkpoint_dir(root / "run"))
+    assert [int(p.stem.removeprefix("step_")) for p in saved] == [2, 3, 4, 5]
     entries: dict[int, dict[str, Any]] = {}
     for e in _metrics(root / "run"):  # a step's samples are a line of their own
         entries.setdefault(e["step"], {}).update(e)
+    assert [s for s, e in entries.items() if "sample" in e] == [2, 3, 4, 5]
     train = {s: e for s, e in entries.items() if "train/loss" in e}
     val = {s: e for s, e in entries.items() if "val/loss" in e}
     assert list(train) == [2, 4, 5] and list(val) == [3, 5]
