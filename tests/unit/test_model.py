@@ -27,13 +27,12 @@ def random_tokens(batch: int, length: int, vocab: int = 50, seed: int = 1) -> to
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_causal_mask_hides_future_tokens(dropout):
+@pytest.mark.parametrize(("dropout", "length", "t"), [(0.0, 12, 5), (0.2, 12, 5), (0.0, 2, 0)])
+def test_causal_mask_hides_future_tokens(dropout, length, t):
     # With dropout the model stays in training mode, where attention takes its dropout path;
     # reseeding before each forward draws the same dropout masks for both inputs.
     model = tiny_model(dropout=dropout).train(dropout > 0)
-    idx = random_tokens(2, 12)
-    t = 5
+    idx = random_tokens(2, length)
     changed = idx.clone()
     changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
     with torch.no_grad():
@@ -42,8 +41,36 @@ def test_causal_mask_hides_future_tokens(dropout):
         torch.manual_seed(123)
         after, _ = model(changed)
     torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1], rtol=0, atol=0)
-    for pos in range(t + 1, 12):
+    for pos in range(t + 1, length):
         assert not torch.allclose(after[:, pos], before[:, pos]), f"position {pos} ignored t+1"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attention_drops_out_in_training_only(training, monkeypatch):
+    seen = []
+    sdpa = model_module.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    model = tiny_model(dropout=0.25).train(training)
+    model(random_tokens(1, 4))
+    assert seen == [0.25 if training else 0.0] * 2  # one call per layer
+
+
+def test_a_cache_wider_than_the_activations_is_read_at_their_precision():
+    """A bfloat16 model with a float32 cache (as under autocast): the cached keys and values are
+    cast down for attention, and the result is the uncached one."""
+    model = tiny_model().eval().to(torch.bfloat16)
+    idx = random_tokens(1, 6)
+    cache = model.new_kv_cache(1, dtype=torch.float32)
+    with torch.no_grad():
+        model(idx[:, :5], kv_cache=cache)
+        cached, _ = model(idx[:, 5:], kv_cache=cache)
+        full, _ = model(idx)
+    torch.testing.assert_close(cached[:, -1], full[:, -1], rtol=0, atol=0.05)
 
 
 def test_logits_cover_every_position_in_float32():
