@@ -142,7 +142,16 @@ def test_residual_projections_use_gpt2_scaled_init():
             assert p.std().item() == pytest.approx(0.02, rel=0.05), name
         elif name.endswith("bias"):
             assert torch.count_nonzero(p) == 0, name
-    assert abs(model.transformer.h[0].mlp.c_proj.weight.mean().item()) < 1e-3
+        if name.endswith(
+            ("c_proj.weight", "c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")
+        ):
+            # centred: within 5 standard errors of 0
+            assert abs(p.mean().item()) < 5 * p.std().item() / math.sqrt(p.numel()), name
+
+
+def test_a_head_count_that_does_not_divide_the_width_is_refused():
+    with pytest.raises(AssertionError, match="^n_head must divide d_model$"):
+        GPT(tiny_config(n_head=3))
 
 
 def test_flops_per_token_follows_the_palm_formula():
