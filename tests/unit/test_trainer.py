@@ -150,6 +150,9 @@ def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(
         assert isinstance(e["grad_norm"], float) and e["grad_norm"] > 0
         per_step = e["tokens_per_sec"] * e["step_time_ms"] / 1e3
         assert per_step == pytest.approx(4 * 16, rel=1e-6)  # batch 4 x block 16, one rank
+        mfu = trainer.flops_per_token * e["tokens_per_sec"] / PEAK[0]
+        assert e["mfu"] == pytest.approx(mfu, rel=1e-9)
+        assert (e["tokens_seen"], e["skipped_steps"]) == (e["step"] * 4 * 16, 0)
     assert returned == val[5]["val/loss"]
     assert isinstance(trainer.startup_s, float) and trainer.startup_s > 0
 
@@ -384,8 +387,12 @@ def test_best_checkpoint_is_the_lowest_val_loss_agreed_by_all_ranks(
     two_rank_runs: tuple[Path, list],
 ) -> None:
     root, ranks = two_rank_runs
-    val = {e["step"]: e["val/loss"] for e in _metrics(root / "accum") if "val/loss" in e}
+    metrics = _metrics(root / "accum")
+    val = {e["step"]: e["val/loss"] for e in metrics if "val/loss" in e}
     assert sorted(val) == [1, 2, 3]
+    for e in (e for e in metrics if "train/loss" in e):  # both ranks' tokens: 8 x 16 a step
+        assert e["tokens_per_sec"] * e["step_time_ms"] / 1e3 == pytest.approx(8 * 16, rel=1e-6)
+        assert e["tokens_seen"] == e["step"] * 8 * 16
     lowest = min(val.values())
     assert [r["best_val_loss"] for r in ranks] == [lowest, lowest]
     best = checkpoint.load(root / "accum" / "checkpoints" / checkpoint.BEST)
