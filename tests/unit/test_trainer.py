@@ -20,6 +20,7 @@ from minigpt import checkpoint, peak
 from minigpt.batches import BatchSampler
 from minigpt.distributed import Dist
 from minigpt.optim import lr_at
+from minigpt.runlock import RunFolderError
 from minigpt.signals import StopRequested
 from minigpt.trainer import Trainer, TrainingError, _dropout_seed
 from tests.unit.trainer_setup import (
@@ -300,6 +301,28 @@ def test_resume_needs_no_global_rng_state(root: Path) -> None:
     _scramble_global_rngs()
     resumed.fit()
     _assert_same(weights(resumed), weights(straight))
+
+
+def test_a_finished_run_resumes_as_complete_and_a_lower_max_steps_is_refused(root: Path) -> None:
+    cfg = tiny_config(root, max_steps=2)
+    first = build_trainer(cfg, root / "run")
+    first.logger_run_id = "wandb-id-1"  # as a tracker sets it; a resumed run keeps logging there
+    first.fit()
+    again = build_trainer(cfg, root / "run")
+    assert again.state.step == 2 and again.logger_run_id == "wandb-id-1"
+    assert again.resumed_from == root / "run" / "checkpoints" / checkpoint.LAST
+    _assert_same(weights(again), weights(first))
+    resumed, saved = (t.optimizer.state_dict()["state"] for t in (again, first))
+    assert resumed.keys() == saved.keys()
+    for key in saved:  # Adam's moments and step count come back too
+        for name, value in saved[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    with pytest.raises(RunFolderError) as err:
+        build_trainer(with_train(cfg, max_steps=1), root / "run")
+    assert str(err.value) == (
+        f"train.max_steps=1 is below step 2, which the run in {root / 'run'} has reached; give "
+        "train.max_steps=2 or more, or give a new run its own hydra.run.dir"
+    )
 
 
 def test_best_checkpoint_keeps_the_lowest_val_loss(root: Path) -> None:
