@@ -82,6 +82,22 @@ def test_grad_clip_bounds_the_update(root: Path) -> None:
     _, grad_norm, _ = trainer._train_step()
     assert grad_norm > 10 * clip  # the norm before clipping: clipping had work to do
     assert len(seen) == 1 and seen[0] <= clip * (1 + 1e-4), seen
+    assert all(p.grad is None for p in trainer.model.parameters())  # freed, not zero-filled
+
+
+def test_grad_clip_zero_means_no_clipping(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, opt={"grad_clip": 0.0}), root / "run")
+    seen: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    _, grad_norm, _ = trainer._train_step()
+    assert grad_norm > 1.0 and seen == [pytest.approx(grad_norm, rel=1e-5)]
 
 
 def test_every_param_group_gets_the_scheduled_lr(root: Path) -> None:
@@ -262,8 +278,12 @@ def test_non_finite_step_is_skipped(root: Path) -> None:
     assert not any(torch.equal(weights(trainer)[k], before[k]) for k in ["lm_head.weight"])
 
     assert not math.isfinite(step())  # step 3: one bad step in a row is tolerated
-    with pytest.raises(TrainingError, match="2 consecutive steps"):
+    with pytest.raises(TrainingError) as err:
         step()  # step 4: max_bad_steps=2 in a row stop the run
+    assert str(err.value) == (
+        "2 consecutive steps had a non-finite gradient at step 4; lower optimizer.lr or raise "
+        "optimizer.warmup_steps (the last good checkpoint is kept)"
+    )
     assert all(torch.isfinite(w).all() for w in weights(trainer).values())
 
 
