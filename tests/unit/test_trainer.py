@@ -9,6 +9,7 @@ import math
 import random
 import re
 import signal
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import checkpoint, peak
+from minigpt import checkpoint, peak, runfolder
 from minigpt.batches import BatchSampler
+from minigpt.config import as_dict
 from minigpt.distributed import Dist
 from minigpt.optim import lr_at
 from minigpt.runlock import RunFolderError
 from minigpt.signals import StopRequested
-from minigpt.trainer import Trainer, TrainingError, _dropout_seed
+from minigpt.trainer import Trainer, TrainingError, _applied_lr, _dropout_seed, _ppl
 from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
@@ -343,6 +345,47 @@ def test_a_finished_run_resumes_as_complete_and_a_lower_max_steps_is_refused(roo
         f"train.max_steps=1 is below step 2, which the run in {root / 'run'} has reached; give "
         "train.max_steps=2 or more, or give a new run its own hydra.run.dir"
     )
+
+
+def test_a_checkpoint_holds_what_resume_generate_and_export_read(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, max_steps=1), root / "run")
+    trainer.fit()
+    saved = checkpoint.load(root / "run" / "checkpoints" / checkpoint.LAST)
+    assert set(saved) - {"format", "version"} == {
+        "model",
+        "model_config",
+        "tokenizer",
+        "optimizer",
+        "sampler",
+        "train_state",
+        "config",
+        "data",
+        "logger_run_id",
+    }  # no "scaler": float32 on the CPU has no loss scaling
+    assert saved["model_config"] == asdict(trainer.model.config)
+    assert saved["tokenizer"] == trainer.corpus.tokenizer.state()
+    assert saved["config"] == as_dict(trainer.cfg)
+    assert saved["data"] == runfolder.data_summary(trainer.corpus.meta)
+    assert saved["train_state"] == asdict(trainer.state) and saved["train_state"]["step"] == 1
+    assert saved["sampler"] == trainer.sampler.state_dict()
+
+
+def test_evaluate_is_the_mean_loss_over_the_validation_batches(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, eval_steps=3), root / "run")
+    with torch.no_grad():
+        losses = [float(trainer.model(x, y)[1]) for x, y in trainer.val_batches]
+    assert len(losses) == 3
+    assert trainer.evaluate() == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+def test_groups_at_different_rates_are_refused_and_perplexity_overflows_to_inf() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias]}], 0.2)
+    with pytest.raises(RuntimeError) as err:
+        _applied_lr(opt)
+    assert str(err.value) == "the optimizer's parameter groups disagree on the lr: [0.1, 0.2]"
+    assert _ppl(2.0) == math.exp(2.0) and _ppl(49.9) == math.exp(49.9)
+    assert _ppl(50.0) == math.inf  # exp(50) is finite, but such a run has diverged
 
 
 def test_best_checkpoint_keeps_the_lowest_val_loss(root: Path) -> None:
