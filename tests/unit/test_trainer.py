@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from minigpt import checkpoint, peak, runfolder
 from minigpt.batches import BatchSampler
@@ -313,8 +314,9 @@ def test_resume_needs_no_global_rng_state(root: Path) -> None:
         return train_step()
 
     first._train_step = stop_after_step_3
-    with pytest.raises(StopRequested):
+    with pytest.raises(StopRequested) as stop:
         first.fit()
+    assert str(stop.value) == "stopped by SIGUSR2 at step 3"
     saved = checkpoint.load(root / "run" / "checkpoints" / checkpoint.LAST)
     assert saved["train_state"]["step"] == 3 and "rng" not in saved
 
@@ -432,11 +434,31 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     out: dict[str, Any] = {}
     accum = build_trainer(_accum_config(root, grad_accum=2), root / "accum", dist)
     out["val_at_start"] = accum.evaluate()
+    out["allreduce_steps"] = []
+
+    def counting_allreduce(state, bucket):  # unannotated: DDP accepts only GradBucket's there
+        out["allreduce_steps"].append(accum.state.step)
+        return default_hooks.allreduce_hook(state, bucket)
+
+    accum.step_model.register_comm_hook(None, counting_allreduce)  # None: the default group
     accum.fit()
     out["accum"], out["best_val_loss"] = weights(accum), accum.state.best_val_loss
     dropout = build_trainer(_dropout_config(root, grad_accum=1), root / "dropout", dist)
     dropout.fit()
     out["dropout"] = weights(dropout)
+    stopped = build_trainer(_accum_config(root, eval_every=0), root / "stopped", dist)
+    train_step = stopped._train_step
+
+    def rank_1_signalled_in_step_2() -> Any:
+        if dist.rank == 1 and stopped.state.step == 1:
+            stopped.stop.signum = signal.SIGTERM  # as the handler records a signal
+        return train_step()
+
+    stopped._train_step = rank_1_signalled_in_step_2
+    try:
+        stopped.fit()
+    except StopRequested as request:
+        out["stopped"] = str(request)
     return out
 
 
@@ -500,6 +522,8 @@ def test_two_ranks_accumulating_match_one_rank_accumulating_more(
     one.fit()
     _assert_same(ranks[0]["accum"], ranks[1]["accum"])
     _assert_same(ranks[0]["accum"], weights(one), **CLOSE)
+    # ... and only the last micro-step of each all-reduces (one bucket: the model is tiny).
+    assert [r["allreduce_steps"] for r in ranks] == [[0, 1, 2]] * 2
 
 
 @pytest.mark.distributed
@@ -508,3 +532,15 @@ def test_dropout_masks_match_across_world_sizes(two_rank_runs: tuple[Path, list]
     one = build_trainer(_dropout_config(root, grad_accum=2), root / "one_rank_dropout")
     one.fit()
     _assert_same(ranks[0]["dropout"], weights(one), **CLOSE)
+
+
+@pytest.mark.distributed
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(
+    two_rank_runs: tuple[Path, list],
+) -> None:
+    """Only rank 1 is signalled (during step 2): the step-boundary all-reduce stops both after
+    step 2, and rank 0 has written that step's checkpoint first."""
+    root, ranks = two_rank_runs
+    assert [r.get("stopped") for r in ranks] == ["stopped by SIGTERM at step 2"] * 2
+    saved = checkpoint.load(root / "stopped" / "checkpoints" / checkpoint.LAST)
+    assert saved["train_state"]["step"] == 2
