@@ -424,7 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--retest",
         action="store_true",
         help="with mutants/ kept: re-test its survivors and timeouts (not those listed as "
-        "equivalent) against today's tests, e.g. after adding tests; the others' verdicts stand",
+        "equivalent) against today's tests, e.g. after adding tests; the others' verdicts stand. "
+        "With --keep, also test the mutants without a verdict, in the same mutmut run",
     )
     p.add_argument("--report-only", action="store_true", help="no run: report mutants/ as it is")
     p.add_argument("--output", type=Path, default=OUT / "REPORT.md")
@@ -450,14 +451,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.retest:
             if not MUTANTS.exists():
                 raise SystemExit("--retest needs the mutants/ of an earlier run")
-            names = retest_names(read_results(env), equivalent, names)
-            shown = f"<the {len(names)} survivors and timeouts of the runs before>"
+            results = read_results(env)
+            globs = names
+            names = retest_names(results, equivalent, globs)
+            shown = f"<the {len(names)} survivors and timeouts of the runs before"
+            if args.keep:  # and the mutants not reached yet
+                fresh_ones = _unchecked(results, globs)
+                names += fresh_ones
+                shown += f", and {len(fresh_ones)} mutants without a verdict"
+            shown += ">"
         elif args.keep and names and MUTANTS.exists():
             # Named one by one, mutmut would test again those with a verdict: name the others.
-            results = read_results(env)
-            names = sorted(
-                n for n, s in results.items() if s == "not checked" and _matches(n, names)
-            )
+            names = _unchecked(read_results(env), names)
             shown += f" (the {len(names)} without a verdict)"
         if (args.retest or (args.keep and args.module)) and not names:
             print("nothing to test: every mutant asked for has its verdict")
@@ -524,6 +529,13 @@ def retest_names(
         if status in ("survived", "timeout")
         and n not in equivalent
         and (not globs or _matches(n, globs))
+    )
+
+
+def _unchecked(results: dict[str, str], globs: list[str]) -> list[str]:
+    """Mutants without a verdict, within ``globs`` if given."""
+    return sorted(
+        n for n, s in results.items() if s == "not checked" and (not globs or _matches(n, globs))
     )
 
 
