@@ -147,3 +147,5 @@ def test_retest_takes_survivors_and_timeouts_not_equivalents_within_the_filter()
         "minigpt.optim.x_lr_at__mutmut_3",
     ]
     assert mut.retest_names(results, {}, ["minigpt.sample.*"]) == []
+    assert mut._unchecked(results, []) == ["minigpt.sample.x_top_k__mutmut_2"]
+    assert mut._unchecked(results, ["minigpt.optim.*"]) == []
