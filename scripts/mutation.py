@@ -278,7 +278,10 @@ def _run_lines(run: Run, number: int | None, checked: int) -> list[str]:
     ]
     if run.wall_s is None:
         return lines
-    n = run.mutants if run.mutants is not None else checked
+    n = run.mutants if run.mutants is not None or number else checked  # one run: all of them
+    if n is None:  # a run stopped by hand before it could count
+        lines.append(f"  - wall time: {run.wall_s / 60:.1f} min (how many mutants: not recorded)")
+        return lines
     per_s = n / run.wall_s if run.wall_s else 0
     lines.append(
         f"  - wall time: {run.wall_s / 60:.1f} min for {n} mutants ({per_s:.2f} mutants/s "
