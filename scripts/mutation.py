@@ -426,8 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--retest",
         action="store_true",
-        help="with mutants/ kept: re-test its survivors and timeouts (not those listed as "
-        "equivalent) against today's tests, e.g. after adding tests; the others' verdicts stand. "
+        help="with mutants/ kept: re-test its survivors, timeouts and untested (not those "
+        "listed as equivalent) against today's tests, e.g. after adding tests; the others' "
+        "verdicts stand. "
         "With --keep, also test the mutants without a verdict, in the same mutmut run",
     )
     p.add_argument("--report-only", action="store_true", help="no run: report mutants/ as it is")
@@ -524,12 +525,13 @@ def _run_and_record(
 def retest_names(
     results: dict[str, str], equivalent: dict[str, str], globs: list[str]
 ) -> list[str]:
-    """The mutants worth testing again: survivors and timeouts not judged equivalent (named
-    one by one, mutmut re-tests them though they have a verdict), within ``globs`` if given."""
+    """The mutants worth testing again: survivors, timeouts and those no test reached, not
+    judged equivalent (named one by one, mutmut re-tests them though they have a verdict),
+    within ``globs`` if given."""
     return sorted(
         n
         for n, status in results.items()
-        if status in ("survived", "timeout")
+        if status in ("survived", "timeout", "no tests")
         and n not in equivalent
         and (not globs or _matches(n, globs))
     )

@@ -139,12 +139,13 @@ def test_every_run_that_gave_verdicts_is_reported_with_its_time() -> None:
     assert "- in all: 12.0 min over 2 runs" in report
 
 
-def test_retest_takes_survivors_and_timeouts_not_equivalents_within_the_filter() -> None:
+def test_retest_takes_survivors_timeouts_and_untested_not_equivalents_within_the_filter() -> None:
     results = mut.parse_results(LISTING)
     equivalent = {"minigpt.optim.xǁAdamWǁstep__mutmut_1": "step's closure is never passed"}
     assert mut.retest_names(results, equivalent, []) == [
         "minigpt.optim.x_lr_at__mutmut_2",
         "minigpt.optim.x_lr_at__mutmut_3",
+        "minigpt.optim.x_set_lr__mutmut_1",
     ]
     assert mut.retest_names(results, {}, ["minigpt.sample.*"]) == []
     assert mut._unchecked(results, []) == ["minigpt.sample.x_top_k__mutmut_2"]
