@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from minigpt.documents import _val_boundary, _with_row, document_sizes, split_documents
 
@@ -85,7 +85,8 @@ def test_no_documents_measure_as_an_empty_array():
 
 
 def test_a_row_is_appended_last_unless_its_text_is_empty():
-    docs = Dataset.from_dict({"text": ["x", "y"], "id": [1, 2]})
+    features = Features({"text": Value("string"), "id": Value("int32")})  # not what 3 infers
+    docs = Dataset.from_dict({"text": ["x", "y"], "id": [1, 2]}, features=features)
     grown = _with_row(docs, {"text": "z", "id": 3})
     assert (texts(grown), grown["id"]) == (["x", "y", "z"], [1, 2, 3])
     assert grown.features == docs.features
