@@ -91,3 +91,15 @@ def test_a_row_is_appended_last_unless_its_text_is_empty():
     assert (texts(grown), grown["id"]) == (["x", "y", "z"], [1, 2, 3])
     assert grown.features == docs.features
     assert _with_row(docs, {"text": "", "id": 4}) is docs
+
+
+def test_by_default_documents_are_utf8_bytes_without_separators():
+    docs = Dataset.from_dict({"text": ["é" * 7, "a" * 5, "ü" * 3, "b" * 9, "c" * 4]})
+
+    def split(**kwargs) -> tuple[list[str], list[str]]:
+        train, val = split_documents(docs, 0.37, seed=0, **kwargs)
+        return texts(train), texts(val)
+
+    default = split()
+    assert default == split(latin1=False, separator=0)
+    assert default != split(latin1=True) and default != split(separator=1)
