@@ -105,6 +105,23 @@ def run_command(
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+class _Payload:
+    """Unpickled, it would run ``touch <marker>``: what a malicious checkpoint could hide."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def save_payload_checkpoint(path: Path, marker: Path, key: str) -> None:
+    """A file shaped like a minigpt checkpoint whose ``key`` runs a command if unpickled."""
+    import torch
+
+    torch.save({"format": "minigpt", "version": 1, key: _Payload(marker)}, path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The events of a run's metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

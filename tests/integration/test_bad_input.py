@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_entry, tiny_train_args
+from tests.conftest import run_entry, save_payload_checkpoint, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
@@ -202,16 +202,8 @@ def test_bad_generate_option_is_one_clear_line(
 
 
 def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            import os
-
-            return (os.system, (f"touch {marker}",))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "minigpt", "version": 1, "model": Payload()}, path)
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    save_payload_checkpoint(path, marker, "model")
     result = run_entry("generate.py", f"checkpoint={path}", cwd=tmp_path)
     assert_one_line_error(result, "refused")
     assert not marker.exists()

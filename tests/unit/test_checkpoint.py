@@ -18,6 +18,7 @@ import torch
 from minigpt import checkpoint, export, filekinds, weights
 from minigpt.checkpoint import CheckpointError
 from minigpt.model import GPT, GPTConfig
+from tests.conftest import save_payload_checkpoint
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
@@ -435,14 +436,8 @@ def test_a_payload_of_a_blocked_module_is_refused_by_name_and_never_runs(tmp_pat
     """torch names a blocked global on a line without "Unsupported"; even forced by the
     environment to unpickle, torch.load is told weights_only=True and so never runs it."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "minigpt", "version": 1, "x": Payload()}, path)
+    marker, path = tmp_path / "ran", tmp_path / "evil.pt"
+    save_payload_checkpoint(path, marker, "x")
     with pytest.raises(CheckpointError) as err:
         checkpoint.load(path)
     assert str(err.value) == _refusal(path, f"{os.system.__module__}.system objects")
