@@ -437,6 +437,23 @@ def test_evaluate_in_bfloat16_autocasts_on_the_training_device(root: Path) -> No
     assert float(loss16) == pytest.approx(float(loss), rel=2e-2) and float(loss16) != float(loss)
 
 
+def test_a_signal_during_step_2_stops_the_run_after_it_with_its_checkpoint(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, max_steps=5), root / "run")
+    train_step = trainer._train_step
+
+    def signalled_in_step_2() -> Any:
+        if trainer.state.step == 1:
+            trainer.stop.signum = signal.SIGTERM  # as the handler records a signal
+        return train_step()
+
+    trainer._train_step = signalled_in_step_2
+    with pytest.raises(StopRequested) as request:
+        trainer.fit()
+    assert str(request.value) == "stopped by SIGTERM at step 2"
+    last = checkpoint.load(root / "run" / "checkpoints" / checkpoint.LAST)
+    assert last["train_state"]["step"] == trainer.state.step == 2
+
+
 def test_a_step_without_dropout_leaves_the_global_rng_alone(root: Path) -> None:
     """Dropout's masks are reseeded per micro-step; with no dropout nothing is drawn or reseeded."""
     trainer = build_trainer(tiny_config(root, grad_accum=2), root / "run")
