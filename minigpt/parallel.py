@@ -40,22 +40,26 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Parallel:
     """The model as this rank holds it, and the few operations that depend on how."""
 
-    def __init__(self, model: GPT, mode: str, dist: Dist, dtype: torch.dtype) -> None:
-        self.model, self.dist = model, dist
+    def __init__(
+        self, model: GPT, mode: str, dist: Dist, dtype: torch.dtype, compile: bool = False
+    ) -> None:
+        self.model, self.dist, self.compile = model, dist, compile
         self.sharded = mode == "fsdp" and dist.is_distributed
         if self.sharded:
-            _shard(model, torch.device(dist.device), dtype, dist.world_size)
+            _shard(model, torch.device(dist.device), dtype, dist.world_size, compile)
 
-    def wrap(self, compile: bool) -> torch.nn.Module:
+    def wrap(self) -> torch.nn.Module:
         """The module the training step calls: DDP's wrapper (built after any resume, so its
-        broadcast from rank 0 sends the loaded weights), the sharded model itself, or the plain
-        one; compiled on request."""
+        broadcast from rank 0 sends the loaded weights), the sharded model itself (its blocks
+        compiled, on request, before sharding), or the plain one; compiled on request."""
         wrapped: torch.nn.Module = self.model
-        if self.dist.is_distributed and not self.sharded:
+        if self.sharded:
+            return wrapped
+        if self.dist.is_distributed:
             device = torch.device(self.dist.device)
             ids = [device.index] if device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        if compile:
+        if self.compile:
             wrapped = torch.compile(wrapped)
         return wrapped
 
@@ -141,17 +145,22 @@ class Parallel:
         return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _shard(model: GPT, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
+def _shard(
+    model: GPT, device: torch.device, dtype: torch.dtype, world_size: int, compile: bool
+) -> None:
     """FSDP2 on each block, then on the root (embeddings, final norm, head: one unit, so the
     tied embedding and head weight stay one parameter). On CUDA in bf16, weights are gathered
     and computed in bf16 while gradients are reduced, and the master weights and AdamW state
-    kept, in fp32."""
+    kept, in fp32. ``compile`` compiles each block in place first, as torchtitan does: the
+    gathers between blocks stay outside the compiled graphs."""
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     blocks = list(model.transformer.h)
     for i, block in enumerate(blocks):
+        if compile:
+            block.compile()
         # The last block's weights are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)

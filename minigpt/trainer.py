@@ -190,7 +190,9 @@ class Trainer:
         runtime.check_fits(gpt_cfg, self.device, dist.world_size if sharded else 1)
         self.model = GPT(gpt_cfg).to(self.device)
         # Sharded before the optimizer is built: fully_shard replaces the parameters.
-        self.parallel = Parallel(self.model, cfg.train.parallel, dist, self.dtype)
+        self.parallel = Parallel(
+            self.model, cfg.train.parallel, dist, self.dtype, cfg.train.compile
+        )
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.compile)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         world_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
@@ -207,7 +209,7 @@ class Trainer:
             if self.resumed_from is None:  # a resume continues its own weights, not the source's
                 self.parallel.load(self.optimizer, self.init.weights())
             self.init.tensors = {}  # the model holds its own copy now
-        self.step_model = self.parallel.wrap(cfg.train.compile)
+        self.step_model = self.parallel.wrap()
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops, self.peak_source = self._peak()
 
