@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import platform
 import shutil
@@ -131,7 +132,8 @@ def load_equivalent(path: Path) -> dict[str, str]:
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+    """Rounded down: 2,577 killed of 2,578 is 99.9%, never 100.0%."""
+    return "–" if x is None else f"{math.floor(1000 * x + 1e-9) / 10:.1f}%"
 
 
 def table(scores: list[ModuleScore]) -> list[str]:
@@ -293,17 +295,25 @@ def _run_lines(run: Run, number: int | None, checked: int) -> list[str]:
 
 
 def _survivors(total: ModuleScore, diffs: dict[str, str]) -> list[str]:
-    survivors = [n for n in total.by_status.get("survived", []) if n not in total.equivalent]
-    lines = [f"## Surviving mutants ({len(survivors)})", ""]
-    if not survivors:
+    """Every mutant the score counts as not killed: survivors, then timeouts and the rest."""
+    held = [
+        (n, status)
+        for status in ("survived", "timeout", "suspicious", "no tests")
+        for n in total.by_status.get(status, [])
+        if n not in total.equivalent
+    ]
+    lines = [f"## Surviving mutants ({len(held)})", ""]
+    if not held:
         return [*lines, "None.", ""]
     lines += [
-        "Each is a change to the code that no unit test noticed: a missing test, or an "
-        "equivalent mutant to list in equivalent.toml with the reason.",
+        "Each is a change to the code that no unit test noticed (or, for a timeout, that made "
+        "the tests run past mutmut's time limit): a missing test, or an equivalent mutant to "
+        "list in equivalent.toml with the reason.",
         "",
     ]
-    for name in survivors:
-        lines += [f"### `{name}`", "", "```diff", diffs.get(name, "(no diff)").strip(), "```", ""]
+    for name, status in held:
+        diff = diffs.get(name, "(no diff)").strip()
+        lines += [f"### `{name}` ({status})", "", "```diff", diff, "```", ""]
     return lines
 
 
@@ -478,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no mutants found: run without --report-only first", file=sys.stderr)
         return 1
-    listed = [n for n, s in results.items() if s == "survived"]
+    listed = [
+        n for n, s in results.items() if s in ("survived", "timeout", "suspicious", "no tests")
+    ]
     report = render(runs, results, equivalent, show(listed, env))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report, encoding="utf-8")

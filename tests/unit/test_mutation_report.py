@@ -93,7 +93,12 @@ def test_report_lists_survivors_with_diffs_and_equivalents_with_reasons() -> Non
     report = mut.render([run], results, equivalent, diffs)
     assert "| `minigpt/optim.py` | 5 | 1 | 1 | 1 | 0 | 1 | 0 | 1 | 25.0% |" in report
     assert "| **all** | 6 | 2 | 1 | 1 | 0 | 1 | 0 | 1 | 40.0% |" in report
-    assert "## Surviving mutants (1)" in report and "+    return b" in report
+    # The survivor with its diff, and the timeout and the untested one, which the score counts
+    # as not killed too.
+    assert "## Surviving mutants (3)" in report and "+    return b" in report
+    assert "### `minigpt.optim.x_lr_at__mutmut_2` (survived)" in report
+    assert "### `minigpt.optim.x_lr_at__mutmut_3` (timeout)" in report
+    assert "### `minigpt.optim.x_set_lr__mutmut_1` (no tests)" in report
     assert "step's closure is never passed" in report
 
 
@@ -150,3 +155,8 @@ def test_retest_takes_survivors_timeouts_and_untested_not_equivalents_within_the
     assert mut.retest_names(results, {}, ["minigpt.sample.*"]) == []
     assert mut._unchecked(results, []) == ["minigpt.sample.x_top_k__mutmut_2"]
     assert mut._unchecked(results, ["minigpt.optim.*"]) == []
+
+
+def test_a_score_short_of_every_mutant_never_shows_as_100_percent() -> None:
+    assert mut._pct(2577 / 2578) == "99.9%" and mut._pct(1.0) == "100.0%"
+    assert mut._pct(0.25) == "25.0%" and mut._pct(None) == "–"

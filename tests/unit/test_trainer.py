@@ -9,14 +9,17 @@ import math
 import random
 import re
 import signal
-from dataclasses import asdict
+import types
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as tdist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from minigpt import checkpoint, peak, runfolder
 from minigpt.batches import BatchSampler
@@ -26,6 +29,7 @@ from minigpt.optim import lr_at
 from minigpt.runlock import RunFolderError
 from minigpt.signals import StopRequested
 from minigpt.trainer import Trainer, TrainingError, _applied_lr, _dropout_seed, _ppl
+from tests.conftest import free_port
 from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
@@ -150,8 +154,10 @@ def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(
     )
     trainer = build_trainer(cfg, root / "run")
     returned = trainer.fit()
-    printed = re.findall(r"--- sample at step (\d+) ---", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    printed = re.findall(r"--- sample at step (\d+) ---", out)
     assert [int(s) for s in printed] == [2, 4, 5]
+    assert "non-finite" not in out  # the skip warning is for skipped steps only
     saved = checkpoint.step_checkpoints(checkpoint.checkpoint_dir(root / "run"))
     assert [int(p.stem.removeprefix("step_")) for p in saved] == [2, 3, 4, 5]
     entries: dict[int, dict[str, Any]] = {}
@@ -278,6 +284,7 @@ def test_non_finite_step_is_skipped(root: Path) -> None:
     assert not any(torch.equal(weights(trainer)[k], before[k]) for k in ["lm_head.weight"])
 
     assert not math.isfinite(step())  # step 3: one bad step in a row is tolerated
+    assert (trainer.state.bad_steps, trainer.state.skipped_steps) == (1, 2)
     with pytest.raises(TrainingError) as err:
         step()  # step 4: max_bad_steps=2 in a row stop the run
     assert str(err.value) == (
@@ -390,13 +397,133 @@ def test_groups_at_different_rates_are_refused_and_perplexity_overflows_to_inf()
 def test_best_checkpoint_keeps_the_lowest_val_loss(root: Path) -> None:
     trainer = build_trainer(tiny_config(root, keep_last=5), root / "run")
     folder = root / "run" / "checkpoints"
-    for step, val_loss in [(1, 2.0), (2, 1.5), (3, 1.8), (4, None)]:
+    for step, val_loss in [(1, 2.0), (2, 1.5), (3, 1.8), (4, None), (5, 1.5)]:
         trainer.state.step = step
         trainer._checkpoint(val_loss)
     best = checkpoint.load(folder / checkpoint.BEST)
-    assert best["train_state"]["step"] == 2
+    assert best["train_state"]["step"] == 2  # a tie (step 5) is no new best
     assert trainer.state.best_val_loss == 1.5
-    assert checkpoint.load(folder / checkpoint.LAST)["train_state"]["step"] == 4
+    assert checkpoint.load(folder / checkpoint.LAST)["train_state"]["step"] == 5
+
+
+def test_a_stop_right_after_a_checkpoint_writes_it_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = build_trainer(tiny_config(root), root / "run")
+    steps: list[int] = []
+    save_step = checkpoint.save_step
+    monkeypatch.setattr(
+        checkpoint,
+        "save_step",
+        lambda state, *a, **k: steps.append(a[1]) or save_step(state, *a, **k),
+    )
+    trainer.state.step = 3
+    trainer._checkpoint(None)
+    trainer.stop.signum = signal.SIGTERM
+    with pytest.raises(StopRequested):
+        trainer._stop_if_requested()
+    assert steps == [3]
+
+
+def test_evaluate_in_bfloat16_autocasts_on_the_training_device(root: Path) -> None:
+    """bf16 autocast on the CPU: close to the float32 loss of the same weights, not equal."""
+    full = build_trainer(tiny_config(root, eval_steps=3), root / "fp32")
+    half = build_trainer(tiny_config(root, eval_steps=3, dtype="bfloat16"), root / "bf16")
+    for key, value in weights(full).items():
+        assert torch.equal(value, weights(half)[key]), key
+    expected, got = full.evaluate(), half.evaluate()
+    assert got == pytest.approx(expected, rel=2e-2) and got != expected
+    (loss, _, _), (loss16, _, _) = full._train_step(), half._train_step()
+    assert float(loss16) == pytest.approx(float(loss), rel=2e-2) and float(loss16) != float(loss)
+
+
+def test_a_signal_during_step_2_stops_the_run_after_it_with_its_checkpoint(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, max_steps=5), root / "run")
+    train_step = trainer._train_step
+
+    def signalled_in_step_2() -> Any:
+        if trainer.state.step == 1:
+            trainer.stop.signum = signal.SIGTERM  # as the handler records a signal
+        return train_step()
+
+    trainer._train_step = signalled_in_step_2
+    with pytest.raises(StopRequested) as request:
+        trainer.fit()
+    assert str(request.value) == "stopped by SIGTERM at step 2"
+    last = checkpoint.load(root / "run" / "checkpoints" / checkpoint.LAST)
+    assert last["train_state"]["step"] == trainer.state.step == 2
+
+
+def test_a_step_without_dropout_leaves_the_global_rng_alone(root: Path) -> None:
+    """Dropout's masks are reseeded per micro-step; with no dropout nothing is drawn or reseeded."""
+    trainer = build_trainer(tiny_config(root, grad_accum=2), root / "run")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    trainer._train_step()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_step_loss_is_the_mean_of_its_micro_batches(root: Path) -> None:
+    trainer = build_trainer(tiny_config(root, grad_accum=2), root / "run")
+    with torch.no_grad():
+        losses = [
+            float(trainer.model(*trainer.sampler.batch(0, 0, 1, micro, 2))[1]) for micro in (0, 1)
+        ]
+    loss, _, _ = trainer._train_step()
+    assert float(loss) == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
+def test_a_compiled_ddp_model_still_skips_the_all_reduce_of_early_micro_steps(root: Path) -> None:
+    """torch.compile wraps DDP in a module whose ``_orig_mod`` is the DDP wrapper: ``no_sync``
+    must be found through it (a one-rank gloo group stands in for a job)."""
+    trainer = build_trainer(tiny_config(root), root / "run")
+    tdist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        ddp = DistributedDataParallel(trainer.model)
+        trainer.step_model = types.SimpleNamespace(_orig_mod=ddp)  # what compile's wrapper holds
+        with trainer._no_sync(sync=False):
+            assert ddp.require_backward_grad_sync is False
+        assert ddp.require_backward_grad_sync is True
+        with trainer._no_sync(sync=True):
+            assert ddp.require_backward_grad_sync is True
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_resume_checkpoint_that_does_not_load_is_refused_with_its_reason(root: Path) -> None:
+    bad = root / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(checkpoint.CheckpointError) as expected:
+        checkpoint.load(bad)
+    with pytest.raises(RunFolderError) as err:
+        build_trainer(replace(tiny_config(root), resume=str(bad)), root / "run")
+    assert str(err.value) == str(expected.value)
+
+
+def test_an_unloadable_last_checkpoint_falls_back_to_the_newest_step_and_says_so(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tiny_config(root, max_steps=2, ckpt_every=1, keep_last=2)
+    build_trainer(cfg, root / "run").fit()
+    last = root / "run" / "checkpoints" / checkpoint.LAST
+    last.unlink()
+    last.write_bytes(b"torn")
+    capsys.readouterr()
+    newest = checkpoint.step_checkpoints(last.parent)[-1]
+    trainer = build_trainer(cfg, root / "run")
+    assert trainer.resumed_from == newest and trainer.state.step == 2
+    assert f"resuming from {newest.name}, the newest that loads" in capsys.readouterr().out
+
+
+def test_a_resume_into_another_model_shape_names_the_checkpoint(root: Path) -> None:
+    build_trainer(tiny_config(root, max_steps=1), root / "run").fit()
+    path = root / "run" / "checkpoints" / checkpoint.LAST
+    cfg = tiny_config(root, max_steps=1)
+    with pytest.raises(RunFolderError) as err:
+        build_trainer(replace(cfg, model=replace(cfg.model, n_layer=2)), root / "run")
+    assert str(err.value).startswith(f"resume={path} holds a model of another shape")
 
 
 def test_old_checkpoint_with_rng_states_still_resumes(root: Path) -> None:
@@ -456,6 +583,11 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
         stopped.fit()
     except StopRequested as request:
         out["stopped"] = str(request)
+    last = checkpoint.load(root / "stopped" / "checkpoints" / checkpoint.LAST)
+    out["saved_at_stop"] = last["train_state"]["step"]
+    resumed = build_trainer(_accum_config(root, eval_every=0), root / "stopped", dist)
+    resumed.fit()  # every rank reads the checkpoint rank 0 chose
+    out["resumed"] = weights(resumed)
     return out
 
 
@@ -539,5 +671,15 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(
     step 2, and rank 0 has written that step's checkpoint first."""
     root, ranks = two_rank_runs
     assert [r.get("stopped") for r in ranks] == ["stopped by SIGTERM at step 2"] * 2
-    saved = checkpoint.load(root / "stopped" / "checkpoints" / checkpoint.LAST)
-    assert saved["train_state"]["step"] == 2
+    assert [r["saved_at_stop"] for r in ranks] == [2, 2]  # what last.pt held once both stopped
+
+
+@pytest.mark.distributed
+def test_a_stopped_two_rank_run_resumes_on_both_ranks_to_the_uninterrupted_weights(
+    two_rank_runs: tuple[Path, list],
+) -> None:
+    root, ranks = two_rank_runs
+    one = build_trainer(_accum_config(root, eval_every=0, grad_accum=2), root / "one_uninterrupted")
+    one.fit()
+    _assert_same(ranks[0]["resumed"], ranks[1]["resumed"])
+    _assert_same(ranks[0]["resumed"], weights(one), **CLOSE)
