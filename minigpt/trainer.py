@@ -519,8 +519,10 @@ class Trainer:
                 x, y = (t.to(self.device) for t in self.val_batches[i if i < n else 0])
                 with runtime.autocast(self.device.type, self.dtype):
                     _, loss = self.model(x, y)
-                counted = torch.tensor(float(i < n), device=self.device)
-                sums += torch.stack([loss.float() * counted, counted])
+                counted = float(i < n)
+                sums += torch.stack(
+                    [loss.float() * counted, torch.full((), counted, device=self.device)]
+                )
         self.parallel.reshard()
         distributed.all_reduce_sum(sums, self.dist)
         return float(sums[0] / sums[1])
