@@ -196,6 +196,7 @@ class TrainConfig:
     compile: bool = False
     max_bad_steps: int = 20
     progress: str = "auto"
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_steps", "log_every"):
@@ -210,6 +211,12 @@ class TrainConfig:
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.dtype", self.dtype, DTYPES)
         _one_of("train.progress", self.progress, ("auto", "bar", "lines", "off"))
+        _one_of("train.parallel", self.parallel, ("ddp", "fsdp"))
+        _require(
+            not (self.parallel == "fsdp" and self.dtype == "float16"),
+            "train.dtype=float16 needs a gradient scaler that train.parallel=fsdp does not "
+            "shard; give train.dtype=bfloat16 (or float32), or train.parallel=ddp",
+        )
 
 
 @dataclass
@@ -219,9 +226,14 @@ class ClusterConfig:
     name: str = "local"
     backend: str = "auto"
     init_timeout_s: int = 300
+    gpu_memory_gb: float | None = None  # one GPU's memory: the dry run warns past it
 
     def __post_init__(self) -> None:
         _one_of("cluster.backend", self.backend, ("auto", "nccl", "gloo"))
+        _require(
+            self.gpu_memory_gb is None or self.gpu_memory_gb > 0,
+            f"cluster.gpu_memory_gb={self.gpu_memory_gb} must be > 0 (null: not declared)",
+        )
         _require(
             self.init_timeout_s >= 1, f"cluster.init_timeout_s={self.init_timeout_s} must be >= 1"
         )

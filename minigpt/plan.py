@@ -59,3 +59,79 @@ def _model_of(cfg: Config) -> tuple[GPTConfig, str]:
             "the local Hugging Face cache, so its shape is unknown until the run fetches it)"
         )
     return shape, ""  # its block_size: a smaller model.block_size on the command line would crop it
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes on each GPU under one ``train.parallel``, before the allocator's slack.
+
+    Weights, gradients and AdamW's two moments are fp32 (the master copy under mixed precision).
+    ``fsdp`` keeps a 1/world shard of each, plus the weights it gathers: the root unit
+    (embeddings, final norm), which stays gathered through a step, and two blocks at a time (one
+    running, one prefetched), in the compute dtype. Activations are one micro-batch's: ~34
+    bytes per token and channel per layer in 16-bit compute with fused attention (Korthikanti et
+    al. 2022, without the s² term fused attention does not store), twice that in fp32; with
+    ``model.grad_checkpointing`` only each block's input, plus one block recomputed; and the
+    logits, kept in the compute dtype and in fp32 for the loss and its gradient.
+    """
+
+    parallel: str
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.parallel}: {self.total / gib:,.1f} GiB/GPU (weights {self.params / gib:,.1f}, "
+            f"gradients {self.grads / gib:,.1f}, AdamW {self.optimizer / gib:,.1f}, "
+            f"activations {self.activations / gib:,.1f})"
+        )
+
+
+def plan_memory(cfg: Config, world_size: int, parallel: str) -> MemoryPlan:
+    """Per-GPU memory of the run ``cfg`` describes on ``world_size`` CUDA ranks (see
+    :class:`MemoryPlan` for what is counted)."""
+    gpt, _ = _model_of(cfg)
+    act = 4 if cfg.train.dtype == "float32" else 2  # auto is bf16 (or fp16) on a GPU
+    params = GPT.param_count_formula(gpt)
+    tokens = cfg.train.batch_size * gpt.block_size
+    per_layer = 17 * act * tokens * gpt.d_model  # 34 bytes a token and channel at 16 bits
+    if gpt.grad_checkpointing:
+        activations = gpt.n_layer * act * tokens * gpt.d_model + per_layer
+    else:
+        activations = gpt.n_layer * per_layer
+    activations += tokens * gpt.vocab_size * (act + 4 + 4)
+    if parallel != "fsdp" or world_size == 1:
+        return MemoryPlan(parallel, 4 * params, 4 * params, 8 * params, activations)
+    block = 12 * gpt.d_model**2 + 13 * gpt.d_model  # attention, MLP, two norms, biases
+    root = params - gpt.n_layer * block
+    gathered = act * (root + 2 * block)
+    shard = -(-params // world_size)
+    return MemoryPlan(parallel, 4 * shard + gathered, 4 * shard + 4 * block, 8 * shard, activations)
+
+
+# The CUDA context, NCCL's buffers and the allocator's fragmentation take the rest.
+FIT_SHARE = 0.9
+
+
+def fit_warning(memory: MemoryPlan, gpu_memory_gb: float | None) -> str | None:
+    """Why a run will not fit the GPUs the cluster preset declares (``cluster.gpu_memory_gb``,
+    in GiB as nvidia-smi shows it), with what would make it fit; None when it fits or the size
+    is not declared."""
+    if gpu_memory_gb is None or memory.total <= FIT_SHARE * gpu_memory_gb * 2**30:
+        return None
+    fixes = "a smaller train.batch_size (with more train.grad_accum), model.grad_checkpointing=true"
+    if memory.parallel == "ddp":
+        fixes = f"train.parallel=fsdp, {fixes}"
+    else:
+        fixes = f"more GPUs (hydra.launcher.nodes), {fixes}"
+    return (
+        f"will not fit: {memory.describe()} is more than {FIT_SHARE:.0%} of "
+        f"cluster.gpu_memory_gb={gpu_memory_gb:g}; try {fixes}"
+    )

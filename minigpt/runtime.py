@@ -151,6 +151,24 @@ def seconds_since_launch() -> float | None:
         return None
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """High-water marks in GiB, for run.json: the process's peak resident set and, on a GPU,
+    the most PyTorch held allocated at once (this rank's; under fsdp every rank holds about
+    the same), the figure to set against the dry run's plan."""
+    out = {}
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_gb"] = peak * (1 if sys.platform == "darwin" else 1024) / 2**30  # KiB on Linux
+    except ImportError:  # Windows
+        pass
+    if device.type == "cuda":
+        out["gpu_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["gpu_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out
+
+
 def _rss_bytes() -> int | None:
     """Current resident set size from /proc (Linux; None elsewhere)."""
     try:
@@ -171,16 +189,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_fits(gpt_cfg: Any, device: torch.device) -> None:
+def check_fits(gpt_cfg: Any, device: torch.device, shards: int = 1) -> None:
     """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
-    alone exceed the device's memory, before allocating any of it."""
+    alone exceed the device's memory, before allocating any of it. Under ``train.parallel=fsdp``
+    that state is split over ``shards`` ranks, but each still builds the full fp32 weights once
+    before sharding them."""
     params = GPT.param_count_formula(gpt_cfg)
-    need, have = 16 * params, device_memory(device)
+    need, have = max(16 * params // shards, 4 * params), device_memory(device)
     if have is not None and need > have:
+        split = f" (sharded over {shards} ranks)" if shards > 1 else ""
         raise ConfigError(
             f"model.* describe {params / 1e6:,.1f}M parameters: about {need / 2**30:,.1f} GiB for "
-            f"weights, gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of "
-            f"{device.type}; use a smaller model (model.n_layer, model.d_model)"
+            f"weights, gradients and AdamW state{split}, more than the {have / 2**30:,.1f} GiB of "
+            f"{device.type}; use a smaller model (model.n_layer, model.d_model), or "
+            "train.parallel=fsdp over more GPUs"
         )
 
 

@@ -7,7 +7,6 @@ run would have seen, whatever the world size.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from minigpt import (
     checkpoint,
@@ -38,6 +36,7 @@ from minigpt.data import Corpus, prepare_corpus
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 from minigpt.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from minigpt.parallel import Parallel
 from minigpt.runrecord import Throughput, WallClock, Window, finite_or_none, write_json
 from minigpt.signals import StopRequested, StopSignals
 from minigpt.tracking import JobInfo, build_tracker
@@ -176,13 +175,24 @@ class Trainer:
             data = replace(cfg.data, tokenizer=self.init.tokenizer.name)
             self.cfg = cfg = replace(cfg, model=self.init.model, data=data)
         self.dtype = runtime.resolve_dtype(cfg.train.dtype, self.device.type, cfg.model.d_model)
+        if cfg.train.parallel == "fsdp" and self.dtype == torch.float16:  # auto, GPU sans bf16
+            self.dtype = torch.float32
+            self.warnings.append(
+                "train.dtype=auto: this GPU has no bf16 and train.parallel=fsdp shards no fp16 "
+                "gradient scaler, so the run trains in float32"
+            )
         runtime.check_dtype(self.dtype, self.device)
         runtime.check_compiler(cfg.train.compile, self.device)
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
-        runtime.check_fits(gpt_cfg, self.device)
+        sharded = cfg.train.parallel == "fsdp" and dist.is_distributed
+        runtime.check_fits(gpt_cfg, self.device, dist.world_size if sharded else 1)
         self.model = GPT(gpt_cfg).to(self.device)
+        # Sharded before the optimizer is built: fully_shard replaces the parameters.
+        self.parallel = Parallel(
+            self.model, cfg.train.parallel, dist, self.dtype, cfg.train.compile
+        )
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.train.compile)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         world_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
@@ -197,9 +207,9 @@ class Trainer:
         self.resumed_from = self._maybe_resume()
         if self.init is not None:
             if self.resumed_from is None:  # a resume continues its own weights, not the source's
-                self.model.load_state_dict(self.init.weights())
+                self.parallel.load(self.optimizer, self.init.weights())
             self.init.tensors = {}  # the model holds its own copy now
-        self.step_model = self._wrap(self.model)
+        self.step_model = self.parallel.wrap()
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops, self.peak_source = self._peak()
 
@@ -244,15 +254,6 @@ class Trainer:
             found = peak.peak_flops(self.device, self.dtype, peak.machine_cache_dir())
         return distributed.broadcast_object(found, self.dist)
 
-    def _wrap(self, model: GPT) -> torch.nn.Module:
-        wrapped: torch.nn.Module = model
-        if self.dist.is_distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.train.compile:
-            wrapped = torch.compile(wrapped)
-        return wrapped
-
     # pragma: no mutate end
     def _maybe_resume(self) -> Path | None:
         """Load the checkpoint rank 0 chose for this run folder, after checking it fits."""
@@ -274,8 +275,7 @@ class Trainer:
         self.notes, self.data_change = runfolder.resume_notes(
             ckpt, as_dict(self.cfg), runfolder.data_summary(self.corpus.meta)
         )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.parallel.load(self.optimizer, ckpt["model"], ckpt["optimizer"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -450,9 +450,12 @@ class Trainer:
             if self.model.config.dropout > 0:
                 part = dist.rank * cfg.grad_accum + micro
                 torch.manual_seed(_dropout_seed(cfg.seed, self.state.step, part))
-            # Only the last micro-step all-reduces: earlier ones accumulate locally (DDP no_sync).
+            # Only the last micro-step communicates gradients: earlier ones accumulate locally.
             sync = micro == cfg.grad_accum - 1
-            with self._no_sync(sync), runtime.autocast(self.device.type, self.dtype):
+            with (
+                self.parallel.micro_step(self.step_model, sync),
+                runtime.autocast(self.device.type, self.dtype),
+            ):
                 _, loss = self.step_model(x, y)
                 loss = loss / cfg.grad_accum
             self.scaler.scale(loss).backward()
@@ -461,17 +464,11 @@ class Trainer:
         self.state.tokens_seen += self.sampler.global_batch * self.sampler.block_size
         return total, grad_norm, lr
 
-    def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        model = getattr(self.step_model, "_orig_mod", self.step_model)
-        if sync or not isinstance(model, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return model.no_sync()
-
     def _clip_and_step(self) -> float:
         """Clip, then step unless the global gradient is non-finite (the same on every rank)."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optimizer.grad_clip or math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = self.parallel.clip_grad_norm(max_norm)
         finite = math.isfinite(norm)
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # GradScaler skips non-finite fp16 steps itself
@@ -513,12 +510,20 @@ class Trainer:
         """
         self.model.eval()
         sums = torch.zeros(2, device=self.device)
+        n, world = len(self.val_batches), self.dist.world_size
+        # A sharded forward is a collective: every rank runs as many as the busiest one, and a
+        # rank past the end repeats batch 0 without counting it.
+        stop = -(-n // world) * world if self.parallel.sharded else n
         with torch.no_grad():
-            for i in range(self.dist.rank, len(self.val_batches), self.dist.world_size):
-                x, y = (t.to(self.device) for t in self.val_batches[i])
+            for i in range(self.dist.rank, stop, world):
+                x, y = (t.to(self.device) for t in self.val_batches[i if i < n else 0])
                 with runtime.autocast(self.device.type, self.dtype):
                     _, loss = self.model(x, y)
-                sums += torch.stack([loss.float(), torch.ones((), device=self.device)])
+                counted = float(i < n)
+                sums += torch.stack(
+                    [loss.float() * counted, torch.full((), counted, device=self.device)]
+                )
+        self.parallel.reshard()
         distributed.all_reduce_sum(sums, self.dist)
         return float(sums[0] / sums[1])
 
@@ -568,10 +573,13 @@ class Trainer:
         if is_best:
             self.state.best_val_loss = val_loss
         self._saved_step = self.state.step
+        if not self.dist.is_main and not self.parallel.sharded:
+            return
+        state = self._checkpoint_state()  # sharded: every rank sends rank 0 its part
         if not self.dist.is_main:
             return
         checkpoint.save_step(
-            self._checkpoint_state(),
+            state,
             checkpoint.checkpoint_dir(self.run_dir),
             self.state.step,
             keep_last=self.cfg.train.keep_last,
@@ -579,11 +587,12 @@ class Trainer:
         )
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        model_state, optimizer_state = self.parallel.state_dicts(self.optimizer)
         state = {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "model_config": asdict(self.model.config),
             "tokenizer": self.corpus.tokenizer.state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "sampler": self.sampler.state_dict(),
             "train_state": asdict(self.state),
             "config": as_dict(self.cfg),
@@ -596,10 +605,13 @@ class Trainer:
 
     # pragma: no mutate block - output, not step logic (make mutation)
     def _show_sample(self, tracker: Any, console: Console, echo: bool = True) -> None:
-        if not self.dist.is_main:
-            return
+        if not self.dist.is_main and not self.parallel.sharded:
+            return  # a sharded model samples on every rank: each forward is a collective
         tok, seed = self.corpus.tokenizer, self.cfg.train.seed
         text = preview.sample_text(self.model, tok, self.prompt, seed, self.device)
+        self.parallel.reshard()
+        if not self.dist.is_main:
+            return
         tracker.log(self.state.step, {"sample": text})
         if echo:
             console.print(f"--- sample at step {self.state.step} ---\n{text}\n---")
@@ -635,6 +647,7 @@ class Trainer:
             "started_at": self.clock.started_at,
             "wall_time_s": self.clock.seconds(),
             "startup_s": self.startup_s,  # launch to the first step (seconds)
+            "memory_peak": runtime.peak_memory(self.device),
             "logger_run_id": self.logger_run_id,
             **extra,
         }

@@ -86,7 +86,7 @@ class MinigptSlurmLauncher(SlurmLauncher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> list[JobReturn]:
         from minigpt.config import to_object
-        from minigpt.plan import plan_run
+        from minigpt.plan import fit_warning, plan_memory, plan_run
 
         assert self.config is not None and self.hydra_context is not None
         p = self.params
@@ -102,9 +102,16 @@ class MinigptSlurmLauncher(SlurmLauncher):
             )
             with open_dict(sweep_config):
                 del sweep_config["hydra"]
-            plan = plan_run(to_object(sweep_config), world_size)
+            cfg = to_object(sweep_config)
+            plan = plan_run(cfg, world_size)
             print(f"  #{idx} {' '.join(filter_overrides(overrides)) or '(defaults)'}")
             print(f"      {plan.describe()}")
+            memory = {p: plan_memory(cfg, world_size, p) for p in ("ddp", "fsdp")}
+            chosen = cfg.train.parallel
+            print("      memory per GPU, " + "; ".join(m.describe() for m in memory.values()))
+            warning = fit_warning(memory[chosen], cfg.cluster.gpu_memory_gb)
+            if warning:
+                print(f"      WARNING: train.parallel={chosen} {warning}")
             returns.append(_done(overrides))
         return returns
 

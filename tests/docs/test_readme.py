@@ -546,6 +546,27 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         why="there is no GPU partition of 2 nodes x 4 GPUs here: the dry run shows what each "
         "sweep point would ask of it; real submission is tested by tests/slurm",
     ),
+    "python train.py -m cluster=slurm model=gpt2-xl data.tokenizer=gpt2 train.parallel=fsdp": Run(
+        tiny=(),
+        append=("hydra.launcher.dry_run=true",),
+        expect=(
+            r"dry run: 1 job\(s\) would be submitted, nothing was\.",
+            r"world size 8, .* 1557\.61M params",
+            r"memory per GPU, ddp: [0-9.]+ GiB/GPU .*; fsdp: [0-9.]+ GiB/GPU",
+        ),
+        why="there is no GPU partition here: the dry run shows the job and its memory plan; "
+        "fsdp training itself runs on two CPU ranks in tests/unit/test_parallel.py",
+    ),
+    "python train.py -m cluster=slurm model=gpt2-medium,gpt2-large,gpt2-xl data.tokenizer=gpt2 "
+    "train.batch_size=8 cluster.gpu_memory_gb=40 hydra.launcher.dry_run=true": Run(
+        tiny=(),
+        expect=(  # the README's table
+            r"ddp: 15\.5 GiB/GPU .*; fsdp: 11\.1 GiB/GPU",
+            r"ddp: 27\.3 GiB/GPU .*; fsdp: 17\.5 GiB/GPU",
+            r"ddp: 47\.0 GiB/GPU .*; fsdp: 27\.0 GiB/GPU",
+            r"^ +WARNING: train\.parallel=ddp will not fit: ddp: 47\.0 GiB/GPU",
+        ),
+    ),
     "python train.py -m +sweep=lr cluster=slurm_cpu": Run(
         append=("model=tiny",),
         new_runs=3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,8 @@ def test_gpu_preset_asks_one_task_per_gpu(tmp_path: Path) -> None:
         "hydra.launcher.gpus_per_node=4",
         "hydra.launcher.nodes=2",
         "hydra.launcher.dry_run=true",
+        "model=gpt2-medium",
+        "cluster.gpu_memory_gb=1",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         cwd=tmp_path,
         timeout=120,
@@ -132,3 +135,8 @@ def test_gpu_preset_asks_one_task_per_gpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nodes=2, tasks_per_node=4, gpus_per_node=4" in result.stdout
     assert "world size 8, global batch 128 seq" in result.stdout
+    # The memory plan of both choices, and a warning for the chosen one past the declared GPU.
+    assert re.search(
+        r"memory per GPU, ddp: [0-9.]+ GiB/GPU .*; fsdp: [0-9.]+ GiB/GPU", result.stdout
+    )
+    assert "WARNING: train.parallel=ddp will not fit: ddp: " in result.stdout

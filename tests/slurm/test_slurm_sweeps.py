@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from minigpt import checkpoint
 from tests.conftest import ROOT, read_metrics, run_command, run_entry, text_data_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -78,6 +80,34 @@ def test_model_sweep_runs_one_ddp_job_per_point(
     assert [i["config"]["model"]["name"] for i in infos] == ["tiny", "mini"]
     assert infos[0]["params"] < infos[1]["params"]
     assert infos[0]["distributed"]["slurm_job_id"] != infos[1]["distributed"]["slurm_job_id"]
+
+
+def test_fsdp_and_ddp_jobs_over_two_tasks_end_with_the_same_weights(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    """One job per train.parallel, each over 2 SLURM tasks: the sharded one trains the same
+    global batch to the same weights (float32 rounding apart, see tests/unit/test_parallel.py)."""
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "model=tiny",
+        "train.parallel=ddp,fsdp",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=15",
+        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    jobs = _job_dirs(sweep_dir)
+    infos = [_assert_ddp_job_completed(job) for job in jobs]
+    assert [i["config"]["train"]["parallel"] for i in infos] == ["ddp", "fsdp"]
+    ddp, fsdp = (checkpoint.load(j / "checkpoints" / "last.pt")["model"] for j in jobs)
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 def test_named_sweep_with_the_cpu_cluster_preset(

@@ -97,3 +97,31 @@ def test_seconds_since_launch_counts_from_process_start_not_from_import() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 0.6 <= float(out.stdout) < 30
+
+
+def test_check_fits_counts_fsdp_shards_and_the_full_weights_built_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """16 bytes a parameter on one rank; a quarter of it on 4 fsdp ranks, but never less than
+    the 4 bytes a parameter of the full fp32 weights each rank builds before sharding."""
+    from minigpt.config import ConfigError
+    from minigpt.model import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, d_model=64)
+    params = GPT.param_count_formula(cfg)
+    monkeypatch.setattr(runtime, "device_memory", lambda device: 8 * params)
+    with pytest.raises(ConfigError, match=r"GiB for weights, gradients and AdamW state, more"):
+        runtime.check_fits(cfg, torch.device("cpu"))
+    runtime.check_fits(cfg, torch.device("cpu"), shards=2)  # 8 bytes a parameter: fits
+    monkeypatch.setattr(runtime, "device_memory", lambda device: 4 * params - 1)
+    with pytest.raises(ConfigError, match=r"\(sharded over 8 ranks\)"):
+        runtime.check_fits(cfg, torch.device("cpu"), shards=8)
+
+
+def test_peak_memory_is_at_least_what_the_process_holds_now() -> None:
+    held = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    now = runtime.memory_metrics(torch.device("cpu"))["memory/rss_gb"]
+    peak = runtime.peak_memory(torch.device("cpu"))
+    # ru_maxrss is sampled by the kernel a little apart from /proc's count: 1% of slack.
+    assert set(peak) == {"rss_gb"} and peak["rss_gb"] >= 0.99 * now and now > 64 / 1024
+    del held

@@ -483,10 +483,10 @@ def test_a_compiled_ddp_model_still_skips_the_all_reduce_of_early_micro_steps(ro
     try:
         ddp = DistributedDataParallel(trainer.model)
         trainer.step_model = types.SimpleNamespace(_orig_mod=ddp)  # what compile's wrapper holds
-        with trainer._no_sync(sync=False):
+        with trainer.parallel.micro_step(trainer.step_model, sync=False):
             assert ddp.require_backward_grad_sync is False
         assert ddp.require_backward_grad_sync is True
-        with trainer._no_sync(sync=True):
+        with trainer.parallel.micro_step(trainer.step_model, sync=True):
             assert ddp.require_backward_grad_sync is True
     finally:
         tdist.destroy_process_group()

@@ -54,6 +54,7 @@ def tiny_config(
 ) -> Config:
     """A one-layer model of width 16 over the corpus in ``root/corpus``; ``train`` overrides the
     loop's keys (a few steps of batch 4 on the CPU in float32, no periodic eval or checkpoint)."""
+    model = model or {}
     loop = {
         "max_steps": 4,
         "batch_size": 4,
@@ -67,7 +68,7 @@ def tiny_config(
         **train,
     }
     return Config(
-        model=ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, **(model or {})),
+        model=ModelConfig(**{"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 16, **model}),
         data=DataConfig(
             source="text",
             paths=[str(root / "corpus" / "*.txt")],

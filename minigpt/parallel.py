@@ -1,0 +1,188 @@
+"""How the model is spread over the job's ranks: ``ddp`` or ``fsdp`` (``train.parallel``).
+
+``ddp`` keeps a full copy of the weights, gradients and AdamW state on every rank (16 bytes per
+parameter in fp32) and all-reduces the gradients. ``fsdp`` is PyTorch's FSDP2
+(``torch.distributed.fsdp.fully_shard``) on every transformer block and on the root, as
+torchtitan applies it: each rank keeps a 1/world shard of all three, all-gathers a block's
+weights just before it runs and reduce-scatters its gradients after. A single process runs the
+plain model either way.
+
+The trainer asks this module for the module to step, the accumulation context, the clipped
+gradient norm and full state dicts; nothing else in the package knows which of the two runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from minigpt.distributed import Dist
+from minigpt.model import GPT
+
+MODES = ("ddp", "fsdp")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Parallel:
+    """The model as this rank holds it, and the few operations that depend on how."""
+
+    def __init__(
+        self, model: GPT, mode: str, dist: Dist, dtype: torch.dtype, compile: bool = False
+    ) -> None:
+        self.model, self.dist, self.compile = model, dist, compile
+        self.sharded = mode == "fsdp" and dist.is_distributed
+        if self.sharded:
+            _shard(model, torch.device(dist.device), dtype, dist.world_size, compile)
+
+    def wrap(self) -> torch.nn.Module:
+        """The module the training step calls: DDP's wrapper (built after any resume, so its
+        broadcast from rank 0 sends the loaded weights), the sharded model itself (its blocks
+        compiled, on request, before sharding), or the plain one; compiled on request."""
+        wrapped: torch.nn.Module = self.model
+        if self.sharded:
+            return wrapped
+        if self.dist.is_distributed:
+            device = torch.device(self.dist.device)
+            ids = [device.index] if device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        if self.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    @contextlib.contextmanager
+    def micro_step(self, step_model: torch.nn.Module, sync: bool) -> Iterator[None]:
+        """Gradients are communicated on the last micro-step only. DDP: its public ``no_sync``.
+        FSDP: no reduce-scatter, and the gathered weights stay gathered until the last
+        micro-step's backward, so accumulation costs one all-gather per block, not one per
+        micro-step."""
+        if self.sharded:
+            assert isinstance(self.model, FSDPModule)
+            self.model.set_requires_gradient_sync(sync)
+            self.model.set_reshard_after_backward(sync)
+            yield
+            return
+        ddp = getattr(step_model, "_orig_mod", step_model)
+        if sync or not isinstance(ddp, DistributedDataParallel):
+            yield
+            return
+        with ddp.no_sync():
+            yield
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The norm of the whole gradient (every shard's part), the same on every rank."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Full model and optimizer state in the single-process format (the optimizer's keyed
+        by parameter index), so a checkpoint loads the same whatever wrote it. Under ``fsdp``
+        this is a collective (every rank calls it) and only rank 0 gets the tensors, on the
+        host: no rank ever holds the full state on its GPU."""
+        if not self.sharded:
+            return self.model.state_dict(), optimizer.state_dict()
+        model_sd = get_model_state_dict(self.model, options=_FULL)
+        optim_sd = get_optimizer_state_dict(self.model, optimizer, options=_FULL)
+        return model_sd, _by_index(optim_sd, self._order(optimizer))
+
+    def load(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model_sd: dict[str, Any],
+        optim_sd: dict[str, Any] | None = None,
+    ) -> None:
+        """Load full state (every rank holds it) into this rank's part of the model and, when
+        given, the optimizer."""
+        if not self.sharded:
+            self.model.load_state_dict(model_sd)
+            if optim_sd is not None:
+                optimizer.load_state_dict(optim_sd)
+            return
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_sd, options=options)
+        if optim_sd is not None:
+            named = _by_name(optim_sd, self._order(optimizer))
+            set_optimizer_state_dict(self.model, optimizer, named, options=options)
+
+    def reshard(self) -> None:
+        """Free the gathered weights a forward without backward left behind (the root's and the
+        last block's stay gathered after forward, for the backward that training runs next)."""
+        if self.sharded:
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def local_numel(self, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """Elements this rank stores for the parameters and for the optimizer's state."""
+        self.reshard()
+        params = sum(_local(p).numel() for p in self.model.parameters())
+        state = sum(
+            _local(v).numel()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+        return params, state
+
+    def _order(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Parameter names in the optimizer's index order (groups in order, then parameters)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _shard(
+    model: GPT, device: torch.device, dtype: torch.dtype, world_size: int, compile: bool
+) -> None:
+    """FSDP2 on each block, then on the root (embeddings, final norm, head: one unit, so the
+    tied embedding and head weight stay one parameter). On CUDA in bf16, weights are gathered
+    and computed in bf16 while gradients are reduced, and the master weights and AdamW state
+    kept, in fp32. ``compile`` compiles each block in place first, as torchtitan does: the
+    gathers between blocks stay outside the compiled graphs."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = list(model.transformer.h)
+    for i, block in enumerate(blocks):
+        if compile:
+            block.compile()
+        # The last block's weights are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _by_index(optim_sd: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """The name-keyed optimizer state of ``get_optimizer_state_dict`` in ``Optimizer.state_dict``'s
+    own format: parameters numbered in group order."""
+    index = {name: i for i, name in enumerate(order)}
+    groups = [
+        {**g, "params": [index[n] for n in g["params"]]} for g in optim_sd.get("param_groups", [])
+    ]
+    state = {index[n]: s for n, s in optim_sd.get("state", {}).items()}
+    return {"state": state, "param_groups": groups}
+
+
+def _by_name(optim_sd: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """The reverse of :func:`_by_index`."""
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim_sd["param_groups"]]
+    state = {order[int(i)]: s for i, s in optim_sd["state"].items()}
+    return {"state": state, "param_groups": groups}
