@@ -57,24 +57,30 @@ def _assert_ddp_job_completed(job_dir: Path, steps: int = 12) -> dict:
     return info
 
 
-def test_model_sweep_runs_one_ddp_job_per_point(
-    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
-) -> None:
+def _two_task_sweep(tmp_path: Path, corpus: Path, cache: Path, *points: str) -> list[Path]:
+    """A sweep over ``points`` on the upstream launcher, each job 2 tasks x 1 CPU; its job
+    folders once every job has ended."""
     sweep_dir = tmp_path / "multirun"
     result = run_entry(
         "train.py",
         "-m",
-        "model=tiny,mini",
+        *points,
         "hydra/launcher=submitit_slurm",
         "hydra.launcher.tasks_per_node=2",
         "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.timeout_min=15",
-        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
+        *_data_args(corpus, cache, sweep_dir),
         cwd=tmp_path,
         timeout=JOB_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    jobs = _job_dirs(sweep_dir)
+    return _job_dirs(sweep_dir)
+
+
+def test_model_sweep_runs_one_ddp_job_per_point(
+    tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
+) -> None:
+    jobs = _two_task_sweep(tmp_path, alphabet_corpus, cache_dir, "model=tiny,mini")
     assert [p.name for p in jobs] == ["0", "1"]
     infos = [_assert_ddp_job_completed(job) for job in jobs]
     assert [i["config"]["model"]["name"] for i in infos] == ["tiny", "mini"]
@@ -87,22 +93,8 @@ def test_fsdp_and_ddp_jobs_over_two_tasks_end_with_the_same_weights(
 ) -> None:
     """One job per train.parallel, each over 2 SLURM tasks: the sharded one trains the same
     global batch to the same weights (float32 rounding apart, see tests/unit/test_parallel.py)."""
-    sweep_dir = tmp_path / "multirun"
-    result = run_entry(
-        "train.py",
-        "-m",
-        "model=tiny",
-        "train.parallel=ddp,fsdp",
-        "hydra/launcher=submitit_slurm",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=15",
-        *_data_args(alphabet_corpus, cache_dir, sweep_dir),
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    jobs = _job_dirs(sweep_dir)
+    points = ("model=tiny", "train.parallel=ddp,fsdp")
+    jobs = _two_task_sweep(tmp_path, alphabet_corpus, cache_dir, *points)
     infos = [_assert_ddp_job_completed(job) for job in jobs]
     assert [i["config"]["train"]["parallel"] for i in infos] == ["ddp", "fsdp"]
     ddp, fsdp = (checkpoint.load(j / "checkpoints" / "last.pt")["model"] for j in jobs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tests.unit.test_trainer import _metrics
 from tests.unit.trainer_setup import (
     build_trainer,
     credit_rank_calls,
+    signal_in_step,
     tiny_config,
     two_ranks,
     with_train,
@@ -68,14 +68,7 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     )
     build_trainer(recompute, root / "fsdp_recompute", dist).fit()
     stopped = build_trainer(_config(root, "fsdp"), root / "stopped", dist)
-    train_step = stopped._train_step
-
-    def signalled_in_step_2() -> Any:
-        if stopped.state.step == 1:
-            stopped.stop.signum = signal.SIGTERM
-        return train_step()
-
-    stopped._train_step = signalled_in_step_2
+    signal_in_step(stopped, 2)
     try:
         stopped.fit()
     except StopRequested as request:

@@ -34,6 +34,7 @@ from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
     credit_rank_calls,
+    signal_in_step,
     tiny_config,
     two_ranks,
     weights,
@@ -310,14 +311,7 @@ def test_resume_needs_no_global_rng_state(root: Path) -> None:
     straight.fit()
 
     first = build_trainer(cfg, root / "run")
-    train_step = first._train_step
-
-    def stop_after_step_3() -> Any:
-        if first.state.step == 2:
-            first.stop.signum = signal.SIGUSR2  # as the handler records a signal
-        return train_step()
-
-    first._train_step = stop_after_step_3
+    signal_in_step(first, 3, signal.SIGUSR2)
     with pytest.raises(StopRequested) as stop:
         first.fit()
     assert str(stop.value) == "stopped by SIGUSR2 at step 3"
@@ -439,14 +433,7 @@ def test_evaluate_in_bfloat16_autocasts_on_the_training_device(root: Path) -> No
 
 def test_a_signal_during_step_2_stops_the_run_after_it_with_its_checkpoint(root: Path) -> None:
     trainer = build_trainer(tiny_config(root, max_steps=5), root / "run")
-    train_step = trainer._train_step
-
-    def signalled_in_step_2() -> Any:
-        if trainer.state.step == 1:
-            trainer.stop.signum = signal.SIGTERM  # as the handler records a signal
-        return train_step()
-
-    trainer._train_step = signalled_in_step_2
+    signal_in_step(trainer, 2)
     with pytest.raises(StopRequested) as request:
         trainer.fit()
     assert str(request.value) == "stopped by SIGTERM at step 2"
@@ -571,14 +558,7 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     dropout.fit()
     out["dropout"] = weights(dropout)
     stopped = build_trainer(_accum_config(root, eval_every=0), root / "stopped", dist)
-    train_step = stopped._train_step
-
-    def rank_1_signalled_in_step_2() -> Any:
-        if dist.rank == 1 and stopped.state.step == 1:
-            stopped.stop.signum = signal.SIGTERM  # as the handler records a signal
-        return train_step()
-
-    stopped._train_step = rank_1_signalled_in_step_2
+    signal_in_step(stopped, 2, rank=1)  # rank 1 only, during step 2
     try:
         stopped.fit()
     except StopRequested as request:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,21 @@ def build_trainer(cfg: Config, run_dir: Path, dist: Dist | None = None) -> Train
     """A Trainer as ``train()`` builds it, minus the run lock and signal handlers."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, run_dir, dist or Dist(), overrides=[])
+
+
+def signal_in_step(
+    trainer: Trainer, step: int, signum: int = signal.SIGTERM, rank: int | None = None
+) -> None:
+    """Record ``signum`` as the signal handler would, while step ``step`` (1-based) trains, on
+    ``rank`` only when one is given: the trainer must stop at the boundary after that step."""
+    train_step = trainer._train_step
+
+    def signalled() -> Any:
+        if trainer.state.step == step - 1 and rank in (None, trainer.dist.rank):
+            trainer.stop.signum = signum
+        return train_step()
+
+    trainer._train_step = signalled  # type: ignore[method-assign]
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
