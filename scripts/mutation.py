@@ -496,10 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(report, encoding="utf-8")
     total = overall([s for s in tally(results, equivalent) if s.checked])
     judged = total.checked - len(total.equivalent)
+    waiting = _unchecked(results, [])
     print(
         f"\nmutation score: {_pct(total.score)} ({total.count('killed')} killed of {judged} "
-        f"non-equivalent mutants); report: {args.output}"
+        f"non-equivalent mutants with a verdict; {len(waiting)} without one); "
+        f"report: {args.output}"
     )
+    if waiting and (args.keep or args.retest):
+        # The names to test come from the verdicts before the run; mutmut makes the mutants of
+        # a new or changed function only as the run starts, so they wait for the next one.
+        print(
+            f"{len(waiting)} mutants have no verdict (new or changed functions are mutated as "
+            "the run starts, after the names to test were chosen): run the same command again"
+        )
     return 0
 
 
