@@ -5,6 +5,7 @@ single-process format, and a sharded run stopped at a step resumes on one or two
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,20 @@ def _config(root: Path, parallel: str, **train: Any) -> Any:
     return with_train(cfg, **train)
 
 
+class _NanOnRank0(torch.nn.Module):
+    """The sharded model, whose loss is NaN on rank 0 alone during one step."""
+
+    def __init__(self, inner: torch.nn.Module, trainer: Any, step: int) -> None:
+        super().__init__()
+        self.inner, self.trainer, self.step = inner, trainer, step
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        logits, loss = self.inner(x, y)
+        if self.trainer.dist.rank == 0 and self.trainer.state.step == self.step:
+            loss = loss * math.nan
+        return logits, loss
+
+
 def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     """Each rank's side (a spawned process): a ddp run, an fsdp run, and an fsdp run stopped
     by a signal after step 2, then resumed on the same two ranks."""
@@ -73,6 +88,10 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
         stopped.fit()
     except StopRequested as request:
         out["stopped"] = str(request)
+    nan = build_trainer(_config(root, "fsdp", max_steps=3), root / "fsdp_nan", dist)
+    nan.step_model = _NanOnRank0(nan.step_model, nan, step=1)
+    nan.fit()
+    out["nan"] = (nan.state.skipped_steps, nan.state.bad_steps)
     shutil.copytree(root / "stopped", root / f"stopped_copy{dist.rank}")  # for the 1-rank resume
     build_trainer(_config(root, "fsdp"), root / "stopped", dist).fit()
     return out
@@ -174,6 +193,20 @@ def test_fsdp_stopped_at_step_2_resumes_on_two_ranks_and_on_one(
     one.fit()
     assert one.state.step == 4
     _assert_close(straight, _last(root / "stopped_copy0")["model"])
+
+
+@pytest.mark.distributed
+def test_a_non_finite_gradient_on_one_rank_is_skipped_by_both(
+    two_rank_runs: tuple[Path, Any],
+) -> None:
+    """Rank 0's NaN reaches every shard through the reduce-scatter, and the norm is the whole
+    gradient's: both ranks skip the same step, and the run goes on with finite weights."""
+    root, ranks = two_rank_runs
+    assert [r["nan"] for r in ranks] == [(1, 0), (1, 0)]  # one skipped, none bad in a row now
+    steps = [e for e in _metrics(root / "fsdp_nan") if "grad_norm" in e]
+    assert [e["grad_norm"] for e in steps][1] == "nan"  # the JSON lines write it as a string
+    assert [math.isfinite(float(e["grad_norm"])) for e in steps] == [True, False, True]
+    assert all(torch.isfinite(v).all() for v in _last(root / "fsdp_nan")["model"].values())
 
 
 def test_fsdp_refuses_float16_with_the_fix() -> None:
