@@ -32,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 
-MODES = ("ddp", "fsdp")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
