@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from minigpt import checkpoint
 from minigpt.config import ConfigError, TrainConfig
@@ -70,6 +71,11 @@ class _NanOnRank0(torch.nn.Module):
         return logits, loss
 
 
+def _gathered(model: Any) -> list[bool]:
+    """For each block: are its weights gathered whole now (plain tensors, not shards)?"""
+    return [not any(isinstance(p, DTensor) for p in b.parameters()) for b in model.transformer.h]
+
+
 def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     """Each rank's side (a spawned process): a ddp run, an fsdp run, and an fsdp run stopped
     by a signal after step 2, then resumed on the same two ranks."""
@@ -88,6 +94,12 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
         stopped.fit()
     except StopRequested as request:
         out["stopped"] = str(request)
+    probe = build_trainer(_config(root, "fsdp"), root / "probe", dist)
+    x, y = probe.sampler.batch(0, dist.rank, dist.world_size, 0, 2)
+    probe.model(x, y)  # a training forward, no backward yet
+    out["gathered"] = [_gathered(probe.model)]
+    probe.parallel.reshard()
+    out["gathered"].append(_gathered(probe.model))
     nan = build_trainer(_config(root, "fsdp", max_steps=3), root / "fsdp_nan", dist)
     nan.step_model = _NanOnRank0(nan.step_model, nan, step=1)
     nan.fit()
@@ -207,6 +219,16 @@ def test_a_non_finite_gradient_on_one_rank_is_skipped_by_both(
     assert [e["grad_norm"] for e in steps][1] == "nan"  # the JSON lines write it as a string
     assert [math.isfinite(float(e["grad_norm"])) for e in steps] == [True, False, True]
     assert all(torch.isfinite(v).all() for v in _last(root / "fsdp_nan")["model"].values())
+
+
+@pytest.mark.distributed
+def test_after_forward_only_the_last_block_stays_gathered_until_resharded(
+    two_rank_runs: tuple[Path, Any],
+) -> None:
+    """Each block gives its gathered weights back after its forward, but the last, which
+    backward needs first (torchtitan's choice); reshard() frees it after an evaluation."""
+    _, ranks = two_rank_runs
+    assert [r["gathered"] for r in ranks] == [[[False, True], [False, False]]] * 2
 
 
 def test_fsdp_refuses_float16_with_the_fix() -> None:
