@@ -35,6 +35,11 @@ from minigpt.model import GPT
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def is_sharded(mode: str, dist: Dist) -> bool:
+    """``train.parallel=fsdp`` shards only a job of several processes."""
+    return mode == "fsdp" and dist.is_distributed
+
+
 class Parallel:
     """The model as this rank holds it, and the few operations that depend on how."""
 
@@ -42,7 +47,7 @@ class Parallel:
         self, model: GPT, mode: str, dist: Dist, dtype: torch.dtype, compile: bool = False
     ) -> None:
         self.model, self.dist, self.compile = model, dist, compile
-        self.sharded = mode == "fsdp" and dist.is_distributed
+        self.sharded = is_sharded(mode, dist)
         if self.sharded:
             _shard(model, torch.device(dist.device), dtype, dist.world_size, compile)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minigpt.config import Config
 from minigpt.model import GPT, GPTConfig
@@ -109,8 +109,8 @@ def plan_memory(cfg: Config, world_size: int, parallel: str) -> MemoryPlan:
     activations += tokens * gpt.vocab_size * (act + 4 + 4)
     if parallel != "fsdp" or world_size == 1:
         return MemoryPlan(parallel, 4 * params, 4 * params, 8 * params, activations)
-    block = 12 * gpt.d_model**2 + 13 * gpt.d_model  # attention, MLP, two norms, biases
-    root = params - gpt.n_layer * block
+    root = GPT.param_count_formula(replace(gpt, n_layer=0))  # embeddings and final norm
+    block = (params - root) // gpt.n_layer
     gathered = act * (root + 2 * block)
     shard = -(-params // world_size)
     return MemoryPlan(parallel, 4 * shard + gathered, 4 * shard + 4 * block, 8 * shard, activations)

@@ -36,7 +36,7 @@ from minigpt.data import Corpus, prepare_corpus
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 from minigpt.optim import build_optimizer, lr_at, set_lr, warmup_warning
-from minigpt.parallel import Parallel
+from minigpt.parallel import Parallel, is_sharded
 from minigpt.runrecord import Throughput, WallClock, Window, finite_or_none, write_json
 from minigpt.signals import StopRequested, StopSignals
 from minigpt.tracking import JobInfo, build_tracker
@@ -186,8 +186,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.corpus = self._prepare_corpus()
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
-        sharded = cfg.train.parallel == "fsdp" and dist.is_distributed
-        runtime.check_fits(gpt_cfg, self.device, dist.world_size if sharded else 1)
+        shards = dist.world_size if is_sharded(cfg.train.parallel, dist) else 1
+        runtime.check_fits(gpt_cfg, self.device, shards)
         self.model = GPT(gpt_cfg).to(self.device)
         # Sharded before the optimizer is built: fully_shard replaces the parameters.
         self.parallel = Parallel(

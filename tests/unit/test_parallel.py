@@ -20,7 +20,7 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.distributed import Dist
 from minigpt.model import GPT, GPTConfig
 from minigpt.signals import StopRequested
-from tests.unit.test_trainer import _metrics
+from tests.conftest import read_metrics
 from tests.unit.trainer_setup import (
     build_trainer,
     credit_rank_calls,
@@ -137,7 +137,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 def test_fsdp_trains_like_ddp_on_the_same_global_batch(two_rank_runs: tuple[Path, Any]) -> None:
     """Losses, evaluations (3 batches over 2 ranks), gradient norms, samples and final weights."""
     root, _ = two_rank_runs
-    runs = {p: [e for e in _metrics(root / p)] for p in ("ddp", "fsdp")}
+    runs = {p: read_metrics(root / p) for p in ("ddp", "fsdp")}
     assert [sorted(e) for e in runs["ddp"]] == [sorted(e) for e in runs["fsdp"]]
     for ddp, fsdp in zip(runs["ddp"], runs["fsdp"], strict=True):
         for key in ("train/loss", "val/loss", "grad_norm", "lr"):
@@ -215,7 +215,7 @@ def test_a_non_finite_gradient_on_one_rank_is_skipped_by_both(
     gradient's: both ranks skip the same step, and the run goes on with finite weights."""
     root, ranks = two_rank_runs
     assert [r["nan"] for r in ranks] == [(1, 0), (1, 0)]  # one skipped, none bad in a row now
-    steps = [e for e in _metrics(root / "fsdp_nan") if "grad_norm" in e]
+    steps = [e for e in read_metrics(root / "fsdp_nan") if "grad_norm" in e]
     assert [e["grad_norm"] for e in steps][1] == "nan"  # the JSON lines write it as a string
     assert [math.isfinite(float(e["grad_norm"])) for e in steps] == [True, False, True]
     assert all(torch.isfinite(v).all() for v in _last(root / "fsdp_nan")["model"].values())

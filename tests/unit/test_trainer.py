@@ -4,7 +4,6 @@ checkpoints, skipped steps and accumulation."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -29,7 +28,7 @@ from minigpt.optim import lr_at
 from minigpt.runlock import RunFolderError
 from minigpt.signals import StopRequested
 from minigpt.trainer import Trainer, TrainingError, _applied_lr, _dropout_seed, _ppl
-from tests.conftest import free_port
+from tests.conftest import free_port, read_metrics
 from tests.unit.trainer_setup import (
     PEAK,
     build_trainer,
@@ -57,10 +56,6 @@ def _fixed_peak(monkeypatch: pytest.MonkeyPatch) -> None:
 def root(tmp_path: Path) -> Path:
     write_corpus(tmp_path / "corpus")
     return tmp_path
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float) -> None:
@@ -131,7 +126,7 @@ def test_logged_lr_is_the_one_the_optimizer_used(root: Path) -> None:
 
     trainer.optimizer.step = recording_step
     trainer.fit()
-    logged = [e["lr"] for e in _metrics(root / "run") if "lr" in e]
+    logged = [e["lr"] for e in read_metrics(root / "run") if "lr" in e]
     assert logged == pytest.approx(used, rel=1e-12) and len(logged) == 4
     assert used[0] != used[1] != used[3]  # warm-up then decay: the check can see a wrong step
 
@@ -162,7 +157,7 @@ def test_metrics_follow_the_log_and_eval_schedule_and_agree_with_each_other(
     saved = checkpoint.step_checkpoints(checkpoint.checkpoint_dir(root / "run"))
     assert [int(p.stem.removeprefix("step_")) for p in saved] == [2, 3, 4, 5]
     entries: dict[int, dict[str, Any]] = {}
-    for e in _metrics(root / "run"):  # a step's samples are a line of their own
+    for e in read_metrics(root / "run"):  # a step's samples are a line of their own
         entries.setdefault(e["step"], {}).update(e)
     assert [s for s, e in entries.items() if "sample" in e] == [2, 3, 4, 5]
     train = {s: e for s, e in entries.items() if "train/loss" in e}
@@ -604,7 +599,7 @@ def test_best_checkpoint_is_the_lowest_val_loss_agreed_by_all_ranks(
     two_rank_runs: tuple[Path, list],
 ) -> None:
     root, ranks = two_rank_runs
-    metrics = _metrics(root / "accum")
+    metrics = read_metrics(root / "accum")
     val = {e["step"]: e["val/loss"] for e in metrics if "val/loss" in e}
     assert sorted(val) == [1, 2, 3]
     for e in (e for e in metrics if "train/loss" in e):  # both ranks' tokens: 8 x 16 a step
