@@ -2,6 +2,15 @@
 
 A checkpoint is a plain dict of tensors and JSON-like values, so it always loads with
 ``torch.load(weights_only=True)``: a crafted pickle can never run code here.
+
+A sharded checkpoint (``train.parallel=fsdp``) is two things beside each other: the step file,
+which holds everything but the weights and optimizer state plus the name of its shard folder
+(``step_N.dcp/``), and that folder, written by every rank with torch.distributed.checkpoint
+(DCP: one file per rank and a metadata file). The folder is written under a temporary name and
+renamed whole, then the step file is saved: either is atomic, so a checkpoint is complete or
+absent. ``load`` consolidates the shards on one process, so every reader of a checkpoint
+(generate, the exports, ``init_from``) takes either kind; a sharded resume reads them in place,
+onto any number of ranks.
 """
 
 from __future__ import annotations
@@ -10,11 +19,15 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from minigpt.filekinds import Sniffed, sniff_file
 
@@ -23,6 +36,8 @@ VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
 STEP_PATTERN = "step_*.pt"
+SHARDS = "shards"  # a sharded checkpoint's key: the name of its DCP folder, beside it
+SHARD_PATTERN = "step_*.dcp"
 
 
 class CheckpointError(RuntimeError):
@@ -72,13 +87,25 @@ def _os_error_in(err: BaseException) -> OSError | None:
     return None
 
 
-def save_step(state: dict[str, Any], folder: Path, step: int, keep_last: int, best: bool) -> Path:
+def save_step(
+    state: dict[str, Any],
+    folder: Path,
+    step: int,
+    keep_last: int,
+    best: bool,
+    shards: Path | None = None,
+) -> Path:
     """Save ``step_XXXXXXX.pt`` atomically, point last.pt (and best.pt) at it, prune old steps.
 
     last.pt and best.pt are hard links: one write per save however many names the file has, and
-    pruning a step file never takes the data of last.pt or best.pt with it.
+    pruning a step file never takes the data of last.pt or best.pt with it. ``shards``: the
+    complete temporary folder of a sharded save (:func:`shards_tmp`), published first under its
+    own name, which the step file records; a shard folder that no step file, last.pt or best.pt
+    names any more is deleted.
     """
     path = folder / f"step_{step:07d}.pt"
+    if shards is not None:
+        state = {**state, SHARDS: _publish_shards(shards, folder, step).name}
     save(state, path)
     link_or_copy(path, folder / LAST)
     if best:
@@ -86,7 +113,52 @@ def save_step(state: dict[str, Any], folder: Path, step: int, keep_last: int, be
     for old in step_checkpoints(folder)[:-keep_last]:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
+    remove_unnamed_shards(folder)
     return path
+
+
+def shards_tmp(folder: Path, step: int) -> Path:
+    """Where every rank writes a sharded save's files before rank 0 publishes them: a dot name
+    ending ``.tmp``, never listed as a checkpoint, deleted at start-up (remove_leftovers)."""
+    return folder / f".step_{step:07d}.dcp.tmp"
+
+
+def _publish_shards(tmp: Path, folder: Path, step: int) -> Path:
+    """Rename the complete shard folder to a name no other checkpoint uses (a step saved again,
+    after a resume, gets ``step_N.1.dcp``: the first one may still be last.pt's)."""
+    name, n = f"step_{step:07d}", 0
+    final = folder / f"{name}.dcp"
+    while final.exists():
+        n += 1
+        final = folder / f"{name}.{n}.dcp"
+    os.rename(tmp, final)
+    _fsync_dir(folder)
+    return final
+
+
+def remove_unnamed_shards(folder: Path) -> list[Path]:
+    """Delete the shard folders that no checkpoint file of ``folder`` names (pruned steps, a
+    save killed between publishing its shards and writing its step file)."""
+    found = [p for p in folder.glob(SHARD_PATTERN) if p.is_dir()]
+    if not found:
+        return []
+    named = {_shards_named(p) for p in folder.glob("*.pt")}
+    removed = []
+    for shards in found:
+        if shards.name not in named:
+            shutil.rmtree(shards, ignore_errors=True)
+            removed.append(shards)
+    return removed
+
+
+def _shards_named(path: Path) -> str | None:
+    """The shard folder a checkpoint file names; memory-mapped, so a full checkpoint's tensors
+    are not read."""
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - unreadable: it names nothing that can be loaded
+        return None
+    return state.get(SHARDS) if isinstance(state, dict) else None
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -95,16 +167,20 @@ def step_checkpoints(folder: Path) -> list[Path]:
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Delete the temp files of saves that were killed midway (each may be as big as a model).
+    """Delete the temp files (and shard folders) of saves that were killed midway (each may be
+    as big as a model).
 
-    Only the process that saves calls it, at start-up, before its first save.
+    Only rank 0 calls it, at start-up, before the first save.
     """
     removed = []
     for tmp in folder.glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
-    return removed
+    return removed + (remove_unnamed_shards(folder) if folder.is_dir() else [])
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -116,7 +192,7 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
     try:
         os.link(src, tmp)
     except OSError:  # file systems without hard links
-        save(load(src), dst)
+        save(load(src, read="meta"), dst)
         return
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
@@ -137,8 +213,15 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a minigpt checkpoint with ``weights_only=True``; every failure is a CheckpointError."""
+def load(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", read: str = "all"
+) -> dict[str, Any]:
+    """Load a minigpt checkpoint with ``weights_only=True``; every failure is a CheckpointError.
+
+    A sharded checkpoint's shards are checked complete, and consolidated on this process:
+    ``read="all"`` the model and the optimizer (in the single-process format), ``"model"`` the
+    model alone, ``"meta"`` neither (a sharded resume reads them in place).
+    """
     path = Path(path)
     require_file(path)
     found = sniff(path)
@@ -174,7 +257,71 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     # Older checkpoints carried each rank's generator states; nothing reads them now: dropout,
     # the only draw training makes, is reseeded from (seed, step, slice) at every micro-step.
     state.pop("rng", None)
+    if SHARDS in state:
+        folder = shard_folder(path, state)
+        if read != "meta":
+            state.update(read_shards(folder, state.get("param_order"), read, map_location))
     return state
+
+
+# ---------------------------------------------------------------- sharded checkpoints
+def shard_folder(path: Path, state: dict[str, Any]) -> Path:
+    """The complete shard folder of the sharded checkpoint ``path``; else a CheckpointError."""
+    name = state[SHARDS]
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".dcp"):
+        raise _corrupted(path, f"its shard folder is named {name!r}")
+    folder = path.parent / name
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is sharded and its shards, {folder}, are missing: a sharded "
+            "checkpoint is the .pt file and the .dcp folder it names, beside it (copy both); "
+            "use another checkpoint, e.g. an older one in the same folder"
+        )
+    try:
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - no metadata or a damaged one
+        raise _corrupted(folder, f"its metadata: {type(err).__name__}") from None
+    for info in getattr(metadata, "storage_data", {}).values():
+        part = folder / info.relative_path
+        if not part.is_file() or part.stat().st_size < info.offset + info.length:
+            raise _corrupted(folder, f"{info.relative_path} is missing or short")
+    return folder
+
+
+def read_shards(
+    folder: Path,
+    order: list[str] | None,
+    read: str = "all",
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The full model (and optimizer) state of a shard folder on this one process, as a
+    single-process run saves it. ``order``: the parameter names in the optimizer's index order."""
+    state: dict[str, Any] = {}
+    keys = {"model"} if read == "model" else {"model", "optimizer"}
+    # DCP's public load fills a state dict shaped like the model's; to read a checkpoint
+    # without building the model, torch's own dcp_to_torch_save calls this loader with a
+    # planner that builds the state dict from the metadata: the same, minus its torch.save.
+    try:
+        reader, planner = dcp.FileSystemReader(str(folder)), _EmptyStateDictLoadPlanner(keys)
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    except Exception as err:  # noqa: BLE001 - whatever DCP raises, the shards are the fault
+        raise _corrupted(folder, type(err).__name__) from None
+    if map_location != "cpu":
+        state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
+    if "optimizer" in state:
+        state["optimizer"] = by_index(state["optimizer"], order or [])
+    return state
+
+
+def by_index(optim_sd: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """Name-keyed optimizer state (``get_optimizer_state_dict``'s) in ``Optimizer.state_dict``'s
+    own format: parameters numbered in group order."""
+    index = {name: i for i, name in enumerate(order)}
+    groups = [
+        {**g, "params": [index[n] for n in g["params"]]} for g in optim_sd.get("param_groups", [])
+    ]
+    state = {index[n]: s for n, s in optim_sd.get("state", {}).items()}
+    return {"state": state, "param_groups": groups}
 
 
 def require_file(path: Path, key: str | None = None) -> None:

@@ -8,21 +8,26 @@ weights just before it runs and reduce-scatters its gradients after. A single pr
 plain model either way.
 
 The trainer asks this module for the module to step, the accumulation context, the clipped
-gradient norm and full state dicts; nothing else in the package knows which of the two runs.
+gradient norm and the state to save or load; nothing else in the package knows which of the two
+runs. A sharded run saves each rank's shards with torch.distributed.checkpoint (DCP), so no
+process ever holds the whole state; any run loads such shards onto its own ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -31,8 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minigpt.distributed import Dist
 from minigpt.model import GPT
-
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def is_sharded(mode: str, dist: Dist) -> bool:
@@ -91,15 +94,31 @@ class Parallel:
         return float(norm)
 
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Full model and optimizer state in the single-process format (the optimizer's keyed
-        by parameter index), so a checkpoint loads the same whatever wrote it. Under ``fsdp``
-        this is a collective (every rank calls it) and only rank 0 gets the tensors, on the
-        host: no rank ever holds the full state on its GPU."""
-        if not self.sharded:
-            return self.model.state_dict(), optimizer.state_dict()
-        model_sd = get_model_state_dict(self.model, options=_FULL)
-        optim_sd = get_optimizer_state_dict(self.model, optimizer, options=_FULL)
-        return model_sd, _by_index(optim_sd, self._order(optimizer))
+        """The full model and optimizer state of an unsharded model (the same on every rank)."""
+        assert not self.sharded, "a sharded model saves its shards: save_shards"
+        return self.model.state_dict(), optimizer.state_dict()
+
+    def save_shards(self, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
+        """Every rank writes its own shards of the model and optimizer state into ``folder``
+        (a collective: DCP's metadata is written once all ranks have written theirs)."""
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        writer = dcp.FileSystemWriter(str(folder), sync_files=True)  # fsync'd before published
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
+
+    def load_shards(self, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
+        """Load a sharded checkpoint written by any number of ranks: each rank reads the parts
+        of its own shards (DCP reshards), an unsharded model reads everything."""
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        with warnings.catch_warnings():  # one process reading a checkpoint: as meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
+        set_state_dict(
+            self.model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
     def load(
         self,
@@ -117,7 +136,7 @@ class Parallel:
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_sd, options=options)
         if optim_sd is not None:
-            named = _by_name(optim_sd, self._order(optimizer))
+            named = _by_name(optim_sd, self.param_order(optimizer))
             set_optimizer_state_dict(self.model, optimizer, named, options=options)
 
     def reshard(self) -> None:
@@ -140,7 +159,7 @@ class Parallel:
         )
         return params, state
 
-    def _order(self, optimizer: torch.optim.Optimizer) -> list[str]:
+    def param_order(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Parameter names in the optimizer's index order (groups in order, then parameters)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -171,19 +190,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _by_index(optim_sd: dict[str, Any], order: list[str]) -> dict[str, Any]:
-    """The name-keyed optimizer state of ``get_optimizer_state_dict`` in ``Optimizer.state_dict``'s
-    own format: parameters numbered in group order."""
-    index = {name: i for i, name in enumerate(order)}
-    groups = [
-        {**g, "params": [index[n] for n in g["params"]]} for g in optim_sd.get("param_groups", [])
-    ]
-    state = {index[n]: s for n, s in optim_sd.get("state", {}).items()}
-    return {"state": state, "param_groups": groups}
-
-
 def _by_name(optim_sd: dict[str, Any], order: list[str]) -> dict[str, Any]:
-    """The reverse of :func:`_by_index`."""
+    """Index-keyed optimizer state (``Optimizer.state_dict``'s) keyed by parameter name, as
+    ``set_optimizer_state_dict`` takes it; the reverse of :func:`minigpt.checkpoint.by_index`."""
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim_sd["param_groups"]]
     state = {order[int(i)]: s for i, s in optim_sd["state"].items()}
     return {"state": state, "param_groups": groups}

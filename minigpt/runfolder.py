@@ -134,7 +134,7 @@ def newest_loadable(
             problems.append(f"{path.name} is missing")
             continue
         try:
-            state = checkpoint.load(path, map_location=map_location)
+            state = checkpoint.load(path, map_location=map_location, read="meta")
         except CheckpointError as err:
             problems.append(f"{path.name}: {err}")
             continue
@@ -154,7 +154,7 @@ def _explicit(
         raise RunFolderError(checkpoint.describe_folder(path, "resume", prefer=checkpoint.LAST))
     if not path.is_file():
         raise RunFolderError(f"resume={path}: no such checkpoint file; use auto, never or a path")
-    state = checkpoint.load(path, map_location=map_location)
+    state = checkpoint.load(path, map_location=map_location, read="meta")
     if not existing:
         return path, state
     folder = checkpoint.checkpoint_dir(run_dir).resolve()

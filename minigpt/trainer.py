@@ -261,7 +261,8 @@ class Trainer:
         if path is None:
             return None
         if ckpt is None:  # on the host: load_state_dict copies each tensor to the model's device,
-            ckpt = checkpoint.load(path, map_location="cpu")  # not the whole file to the GPU first
+            # not the whole file to the GPU first; a sharded checkpoint's shards are read below
+            ckpt = checkpoint.load(path, map_location="cpu", read="meta")
         runfolder.check_resumable(
             ckpt, path, asdict(self.model.config), self.corpus.tokenizer.state()
         )
@@ -275,7 +276,10 @@ class Trainer:
         self.notes, self.data_change = runfolder.resume_notes(
             ckpt, as_dict(self.cfg), runfolder.data_summary(self.corpus.meta)
         )
-        self.parallel.load(self.optimizer, ckpt["model"], ckpt["optimizer"])
+        if checkpoint.SHARDS in ckpt:  # onto this job's ranks, however many wrote them
+            self.parallel.load_shards(self.optimizer, checkpoint.shard_folder(path, ckpt))
+        else:
+            self.parallel.load(self.optimizer, ckpt["model"], ckpt["optimizer"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -563,7 +567,8 @@ class Trainer:
 
     # pragma: no mutate end
     def _checkpoint(self, val_loss: float | None) -> None:
-        """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes.
+        """Save step_N.pt = last.pt (and best.pt on a new best); rank 0 writes it, and under
+        ``fsdp`` every rank first writes its shards (see :mod:`minigpt.checkpoint`).
 
         Every rank calls it with the same (all-reduced) ``val_loss``, so all agree on the best.
         No generator state is saved: the only random numbers training draws are dropout's, and
@@ -573,21 +578,29 @@ class Trainer:
         if is_best:
             self.state.best_val_loss = val_loss
         self._saved_step = self.state.step
-        if not self.dist.is_main and not self.parallel.sharded:
-            return
-        state = self._checkpoint_state()  # sharded: every rank sends rank 0 its part
+        folder = checkpoint.checkpoint_dir(self.run_dir)
+        shards = None
+        if self.parallel.sharded:
+            shards = checkpoint.shards_tmp(folder, self.state.step)
+            self.parallel.save_shards(self.optimizer, shards)  # returns once all ranks wrote
         if not self.dist.is_main:
             return
+        state = self._checkpoint_state(with_tensors=shards is None)
         checkpoint.save_step(
             state,
-            checkpoint.checkpoint_dir(self.run_dir),
+            folder,
             self.state.step,
             keep_last=self.cfg.train.keep_last,
             best=is_best,
+            shards=shards,
         )
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        model_state, optimizer_state = self.parallel.state_dicts(self.optimizer)
+    def _checkpoint_state(self, with_tensors: bool = True) -> dict[str, Any]:
+        """All a resume needs; ``with_tensors`` False: all but the model and optimizer state
+        (in the shards), and the parameters' order, which numbers the optimizer's state."""
+        model_state, optimizer_state = (
+            self.parallel.state_dicts(self.optimizer) if with_tensors else (None, None)
+        )
         state = {
             "model": model_state,
             "model_config": asdict(self.model.config),
@@ -599,6 +612,9 @@ class Trainer:
             "data": runfolder.data_summary(self.corpus.meta),
             "logger_run_id": self.logger_run_id,
         }
+        if not with_tensors:
+            del state["model"], state["optimizer"]
+            state["param_order"] = self.parallel.param_order(self.optimizer)
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state

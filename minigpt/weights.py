@@ -168,7 +168,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 # ---------------------------------------------------------------- the training checkpoint
 def read_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelFile:
     """A training checkpoint's model, checked (``checkpoint.load`` keeps weights_only=True)."""
-    state = checkpoint.load(path, map_location=device)
+    state = checkpoint.load(path, map_location=device, read="model")
     where = str(path)
     tensors = state.get("model")
     if not isinstance(tensors, dict):

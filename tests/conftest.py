@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,3 +235,41 @@ def _start_rank(item: pytest.Item) -> int:
     if item.nodeid.startswith("tests/docs/"):
         return 1
     return 3 if "two_rank_runs" in getattr(item, "fixturenames", ()) else 2
+
+
+def kill_when(
+    argv: list[str], cwd: Path, ready: Callable[[], bool], env: dict[str, str] | None = None
+) -> None:
+    """Start ``argv`` and SIGKILL it and every process under it (torchrun's ranks included) once
+    ``ready()``: no handler runs, nothing is saved on the way out.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group
+    leaves the ranks running: they went on training in the folder while the test resumed it.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, env=clean_env(env), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(0.02)
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid``, from /proc (children first found, grandchildren after)."""
+    parents = {}
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(proc_stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(proc_stat.parent.name)] = ppid
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found

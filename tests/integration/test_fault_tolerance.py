@@ -7,7 +7,6 @@ uninterrupted one whatever that step was.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from tests.conftest import (
     ROOT,
     clean_env,
     free_port,
+    kill_when,
     last_logged_step,
     read_metrics,
     run_entry,
@@ -122,50 +121,12 @@ def test_interrupted_then_resumed_run_is_bit_identical(
     assert done["status"] == "completed" and done["resumed_from"]
 
 
-def _kill_when(
-    argv: list[str], cwd: Path, ready: Callable[[], bool], env: dict[str, str] | None = None
-) -> None:
-    """Start ``argv`` and SIGKILL it and every process under it (torchrun's ranks included) once
-    ``ready()``: no handler runs, nothing is saved on the way out.
-
-    torchrun starts each rank in a session of its own, so killing torchrun's process group
-    leaves the ranks running: they went on training in the folder while the test resumed it.
-    """
-    proc = subprocess.Popen(argv, cwd=cwd, env=clean_env(env), stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while not ready():
-            assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
-            assert time.monotonic() < deadline, "the moment to kill never came"
-            time.sleep(0.02)
-    finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process under ``pid``, from /proc (children first found, grandchildren after)."""
-    parents = {}
-    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(proc_stat.read_text().rsplit(")", 1)[1].split()[1])
-            parents[int(proc_stat.parent.name)] = ppid
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def _kill_after(
     argv: list[str], cwd: Path, run_dir: Path, after_step: int, env: dict[str, str] | None = None
 ) -> int:
     """SIGKILL the run once metrics.jsonl reaches ``after_step``; the last step logged before."""
     metrics = run_dir / "metrics.jsonl"
-    _kill_when(argv, cwd, lambda: last_logged_step(metrics) >= after_step, env)
+    kill_when(argv, cwd, lambda: last_logged_step(metrics) >= after_step, env)
     return last_logged_step(metrics)
 
 
@@ -436,7 +397,7 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint_and_resumes(
     run_dir = tmp_path / "run"
     wrapper, marker = _save_wrapper(tmp_path, "step_0000100.pt", "pause")
     argv = [sys.executable, str(wrapper), *_args(corpus, run_dir, cache)]
-    _kill_when(argv, tmp_path, marker.exists)  # inside the save of step 100
+    kill_when(argv, tmp_path, marker.exists)  # inside the save of step 100
     leftover = Path(marker.read_text())
     assert leftover.exists() and leftover.stat().st_size > 0  # the half-done save is there
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["train_state"]["step"] == 50
