@@ -227,6 +227,17 @@ SLURM = (pytest.mark.slurm, pytest.mark.slow)
 SLOW = (pytest.mark.slow,)
 
 
+FSDP_RUN = "torchrun --nproc_per_node 2 train.py train.parallel=fsdp hydra.run.dir=outputs/fsdp_run"
+
+
+def _check_sharded(run_dirs: list[Path]) -> None:
+    """Two ranks, and a checkpoint of a step file and the shard folder it names."""
+    _check_world_size(2)(run_dirs)
+    folder = run_dirs[0] / "checkpoints"
+    shards = sorted(p.name for p in folder.glob("step_*.dcp/*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], sorted(folder.rglob("*"))
+
+
 def _run_info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
 
@@ -557,6 +568,17 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         why="there is no GPU partition here: the dry run shows the job and its memory plan; "
         "fsdp training itself runs on two CPU ranks in tests/unit/test_parallel.py",
     ),
+    FSDP_RUN: Run(new_runs=1, check=_check_sharded, marks=(pytest.mark.distributed, *SLOW)),
+    'python generate.py checkpoint=outputs/fsdp_run/checkpoints/last.pt prompt="def "': Run(
+        tiny=(), needs=("outputs/fsdp_run",), expect=(r"^def ",), marks=SLOW
+    ),
+    "python -m minigpt.consolidate outputs/fsdp_run/checkpoints/last.pt last_full.pt": Run(
+        tiny=(),
+        needs=("outputs/fsdp_run",),
+        expect=(r"^last_full\.pt$",),
+        files=("last_full.pt",),
+        marks=SLOW,
+    ),
     "python train.py -m cluster=slurm model=gpt2-medium,gpt2-large,gpt2-xl data.tokenizer=gpt2 "
     "train.batch_size=8 cluster.gpu_memory_gb=40 hydra.launcher.dry_run=true": Run(
         tiny=(),
@@ -835,6 +857,7 @@ class Scratch:
 PRODUCERS = {
     RUN_DIR: "python train.py logger=wandb",
     "outputs/my_run": "python train.py hydra.run.dir=outputs/my_run train.max_steps=2000",
+    "outputs/fsdp_run": FSDP_RUN,
     HF_EXPORT: f"python -m minigpt.export outputs/my_run/checkpoints/best.pt {HF_EXPORT}",
     "wheelhouse": WHEELHOUSE_BUILD,
     SWEEP_DIR: "python train.py -m model=tiny model.n_layer=1,2,3 train.max_steps=150 "

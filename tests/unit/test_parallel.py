@@ -176,11 +176,14 @@ def test_fsdp_keeps_half_the_parameters_and_optimizer_state_on_each_rank(
 
 
 @pytest.mark.distributed
-def test_an_fsdp_checkpoint_is_the_single_process_format(two_rank_runs: tuple[Path, Any]) -> None:
-    """Full tensors, the optimizer keyed by parameter index as DDP writes it: generate, the
-    exports and a resume on any number of ranks read it as they read any other."""
+def test_an_fsdp_checkpoint_consolidates_to_the_single_process_format(
+    two_rank_runs: tuple[Path, Any],
+) -> None:
+    """Saved as shards, loaded as full tensors, the optimizer keyed by parameter index as DDP
+    writes it: generate, the exports and init_from read it as they read any other."""
     root, _ = two_rank_runs
     ddp, fsdp = _last(root / "ddp"), _last(root / "fsdp")
+    assert checkpoint.SHARDS in fsdp and checkpoint.SHARDS not in ddp
     model = GPT(GPTConfig(**fsdp["model_config"]))
     model.load_state_dict(fsdp["model"])  # strict: every key, full shapes
     assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
