@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -304,7 +305,7 @@ def read_shards(
     try:
         reader, planner = dcp.FileSystemReader(str(folder)), _EmptyStateDictLoadPlanner(keys)
         _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
-    except Exception as err:  # noqa: BLE001 - whatever DCP raises, the shards are the fault
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - the shards are the fault
         raise _corrupted(folder, type(err).__name__) from None
     if map_location != "cpu":
         state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
@@ -346,6 +347,14 @@ def describe_folder(folder: Path, key: str | None = None, prefer: str = BEST) ->
     checkpoints folder, the checkpoints it holds and the one to use (``prefer`` when there)."""
     named = f"{key}={folder}" if key else f"checkpoint {folder}"
     setting = f"{key}=" if key else ""
+    if folder.suffix == ".dcp":
+        files = sorted(p for p in folder.parent.glob("*.pt") if _shards_named(p) == folder.name)
+        pick = next((p for p in files if p.name == prefer), files[0] if files else None)
+        if pick is not None:
+            return (
+                f"{named} is the shard folder of a sharded checkpoint; pass the file that "
+                f"names it: {setting}{pick}"
+            )
     for what, where in (("a run folder", checkpoint_dir(folder)), ("a checkpoints folder", folder)):
         pick = _pick(where, prefer)
         if pick is not None:

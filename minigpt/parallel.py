@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -34,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from minigpt.checkpoint import CheckpointError
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 
@@ -103,7 +105,13 @@ class Parallel:
         (a collective: DCP's metadata is written once all ranks have written theirs)."""
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
         writer = dcp.FileSystemWriter(str(folder), sync_files=True)  # fsync'd before published
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
+        try:
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
+        except CheckpointException as err:  # a full disk is an OSError, as a single-file save's
+            cause = _first_failure(err)
+            if isinstance(cause, OSError) and cause.errno:
+                raise OSError(cause.errno, cause.strerror, str(folder)) from err
+            raise
 
     def load_shards(self, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
         """Load a sharded checkpoint written by any number of ranks: each rank reads the parts
@@ -112,7 +120,15 @@ class Parallel:
         state = {"model": model_sd, "optimizer": optim_sd}
         with warnings.catch_warnings():  # one process reading a checkpoint: as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
+            try:
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
+            except CheckpointException as err:
+                cause = _first_failure(err)
+                raise CheckpointError(
+                    f"the shards in {folder} cannot be read ({type(cause).__name__}: "
+                    f"{str(cause).splitlines()[0] if str(cause) else ''}); use another "
+                    "checkpoint, e.g. an older one in the same folder"
+                ) from None
         set_state_dict(
             self.model,
             optimizer,
@@ -184,6 +200,12 @@ def _shard(
         # The last block's weights are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _first_failure(err: CheckpointException) -> BaseException:
+    """The exception of the lowest rank that failed (DCP gathers every rank's)."""
+    failures = err.failures
+    return failures[min(failures)][0] if failures else err
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ resharding are tested in test_parallel.py, a SIGKILL inside a save in tests/dist
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import errno
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,38 @@ def test_consolidate_writes_the_single_file_a_ddp_run_saves(
     assert "exists; pass --force" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="already a single-file checkpoint"):
         consolidate(out, tmp_path / "two.pt")
+
+
+def test_a_full_disk_in_a_sharded_save_is_an_os_error_naming_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP gathers every rank's failure into one CheckpointException; the trainer reports a
+    full disk (an OSError) in one line, as for a single-file save."""
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_files, "_write_files_from_queue", full)
+    parallel, optimizer = _trained()
+    tmp = checkpoint.shards_tmp(tmp_path, 1)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        parallel.save_shards(optimizer, tmp)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp)
+
+
+def test_shards_of_another_shape_are_a_checkpoint_error(tmp_path: Path) -> None:
+    _save(tmp_path, 1)
+    wider = Parallel(GPT(replace(CONFIG, d_model=32)), "ddp", Dist(), torch.float32)
+    optimizer = build_optimizer(wider.model, OptimizerConfig())
+    with pytest.raises(CheckpointError, match=r"the shards in .*step_0000001\.dcp cannot be read"):
+        wider.load_shards(optimizer, tmp_path / "step_0000001.dcp")
+
+
+def test_a_shard_folder_given_as_the_checkpoint_names_its_step_file(tmp_path: Path) -> None:
+    _save(tmp_path, 1, best=True)
+    message = checkpoint.describe_folder(tmp_path / "step_0000001.dcp", "checkpoint")
+    assert message == (
+        f"checkpoint={tmp_path}/step_0000001.dcp is the shard folder of a sharded checkpoint; "
+        f"pass the file that names it: checkpoint={tmp_path}/best.pt"
+    )
