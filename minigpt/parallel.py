@@ -53,8 +53,11 @@ class Parallel:
     ) -> None:
         self.model, self.dist, self.compile = model, dist, compile
         self.sharded = is_sharded(mode, dist)
-        if self.sharded:
+        if self.sharded:  # fully_shard moves a unit to the device and keeps its shard: the GPU
+            # never holds the whole model, only one block whole at a time
             _shard(model, torch.device(dist.device), dtype, dist.world_size, compile)
+        else:
+            model.to(dist.device)
 
     def wrap(self) -> torch.nn.Module:
         """The module the training step calls: DDP's wrapper (built after any resume, so its

@@ -188,7 +188,7 @@ class Trainer:
         gpt_cfg = cfg.model.gpt_config(self.corpus.tokenizer.vocab_size)
         shards = dist.world_size if is_sharded(cfg.train.parallel, dist) else 1
         runtime.check_fits(gpt_cfg, self.device, shards)
-        self.model = GPT(gpt_cfg).to(self.device)
+        self.model = GPT(gpt_cfg)  # on the host: Parallel places it (sharded, a block at a time)
         # Sharded before the optimizer is built: fully_shard replaces the parameters.
         self.parallel = Parallel(
             self.model, cfg.train.parallel, dist, self.dtype, cfg.train.compile
