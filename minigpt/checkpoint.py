@@ -38,6 +38,7 @@ LAST = "last.pt"
 BEST = "best.pt"
 STEP_PATTERN = "step_*.pt"
 SHARDS = "shards"  # a sharded checkpoint's key: the name of its DCP folder, beside it
+FRESH = "optimizer_fresh"  # in the shards: saved before the optimizer's first step
 SHARD_PATTERN = "step_*.dcp"
 
 
@@ -298,7 +299,7 @@ def read_shards(
     """The full model (and optimizer) state of a shard folder on this one process, as a
     single-process run saves it. ``order``: the parameter names in the optimizer's index order."""
     state: dict[str, Any] = {}
-    keys = {"model"} if read == "model" else {"model", "optimizer"}
+    keys = {"model"} if read == "model" else {"model", "optimizer", FRESH}
     # DCP's public load fills a state dict shaped like the model's; to read a checkpoint
     # without building the model, torch's own dcp_to_torch_save calls this loader with a
     # planner that builds the state dict from the metadata: the same, minus its torch.save.
@@ -311,6 +312,8 @@ def read_shards(
         state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
     if "optimizer" in state:
         state["optimizer"] = by_index(state["optimizer"], order or [])
+        if bool(state.pop(FRESH, False)):  # as Optimizer.state_dict has it before a step
+            state["optimizer"]["state"] = {}
     return state
 
 

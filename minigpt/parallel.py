@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt.checkpoint import CheckpointError
+from minigpt.checkpoint import FRESH, CheckpointError
 from minigpt.distributed import Dist
 from minigpt.model import GPT
 
@@ -106,10 +106,14 @@ class Parallel:
     def save_shards(self, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
         """Every rank writes its own shards of the model and optimizer state into ``folder``
         (a collective: DCP's metadata is written once all ranks have written theirs)."""
+        fresh = not optimizer.state  # no step taken yet (or every one skipped as non-finite)
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        if fresh:  # get_state_dict made AdamW's state with a zero step: step counter 1, which
+            optimizer.state.clear()  # would change the first real step's bias correction
+        state = {"model": model_sd, "optimizer": optim_sd, FRESH: torch.tensor(fresh)}
         writer = dcp.FileSystemWriter(str(folder), sync_files=True)  # fsync'd before published
         try:
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
+            dcp.save(state, storage_writer=writer)
         except CheckpointException as err:  # a full disk is an OSError, as a single-file save's
             cause = _first_failure(err)
             if isinstance(cause, OSError) and cause.errno:
@@ -120,7 +124,7 @@ class Parallel:
         """Load a sharded checkpoint written by any number of ranks: each rank reads the parts
         of its own shards (DCP reshards), an unsharded model reads everything."""
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = {"model": model_sd, "optimizer": optim_sd, FRESH: torch.tensor(False)}
         with warnings.catch_warnings():  # one process reading a checkpoint: as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             try:
@@ -138,6 +142,8 @@ class Parallel:
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
+        if bool(state[FRESH]):
+            optimizer.state.clear()
 
     def load(
         self,

@@ -207,3 +207,20 @@ def test_a_shard_folder_given_as_the_checkpoint_names_its_step_file(tmp_path: Pa
         f"checkpoint={tmp_path}/step_0000001.dcp is the shard folder of a sharded checkpoint; "
         f"pass the file that names it: checkpoint={tmp_path}/best.pt"
     )
+
+
+def test_an_optimizer_saved_before_its_first_step_loads_without_state(tmp_path: Path) -> None:
+    """DCP's state dict gives AdamW a zero step to make its state: kept, the first real step
+    would be AdamW's second (another bias correction) and the run would drift."""
+    torch.manual_seed(0)
+    parallel = Parallel(GPT(CONFIG), "ddp", Dist(), torch.float32)
+    optimizer = build_optimizer(parallel.model, OptimizerConfig())
+    tmp = checkpoint.shards_tmp(tmp_path, 0)
+    parallel.save_shards(optimizer, tmp)
+    assert optimizer.state_dict()["state"] == {}  # left as it was
+    meta = {"param_order": parallel.param_order(optimizer)}
+    path = checkpoint.save_step(meta, tmp_path, 0, keep_last=1, best=False, shards=tmp)
+    assert checkpoint.load(path)["optimizer"] == optimizer.state_dict()
+    again = build_optimizer(parallel.model, OptimizerConfig())
+    parallel.load_shards(again, tmp_path / "step_0000000.dcp")
+    assert again.state_dict()["state"] == {}
