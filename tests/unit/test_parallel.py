@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from minigpt import checkpoint
+from minigpt import checkpoint, distributed
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.distributed import Dist
 from minigpt.model import GPT, GPTConfig
@@ -105,7 +105,11 @@ def _on_two_ranks(root: Path, dist: Dist) -> dict[str, Any]:
     nan.fit()
     out["nan"] = (nan.state.skipped_steps, nan.state.bad_steps)
     shutil.copytree(root / "stopped", root / f"stopped_copy{dist.rank}")  # for the 1-rank resume
+    if dist.is_main:
+        shutil.copytree(root / "stopped", root / "stopped_ddp")
+    distributed.barrier(dist)
     build_trainer(_config(root, "fsdp"), root / "stopped", dist).fit()
+    build_trainer(_config(root, "ddp"), root / "stopped_ddp", dist).fit()  # shards, read whole
     return out
 
 
@@ -194,7 +198,7 @@ def test_an_fsdp_checkpoint_consolidates_to_the_single_process_format(
 
 
 @pytest.mark.distributed
-def test_fsdp_stopped_at_step_2_resumes_on_two_ranks_and_on_one(
+def test_fsdp_stopped_at_step_2_resumes_on_two_ranks_sharded_or_not_and_on_one(
     two_rank_runs: tuple[Path, Any],
 ) -> None:
     root, ranks = two_rank_runs
@@ -203,6 +207,9 @@ def test_fsdp_stopped_at_step_2_resumes_on_two_ranks_and_on_one(
     stopped = checkpoint.load(root / "stopped_copy0" / "checkpoints" / checkpoint.LAST)
     assert stopped["train_state"]["step"] == 2
     _assert_close(straight, _last(root / "stopped")["model"])
+    ddp = _last(root / "stopped_ddp")
+    assert checkpoint.SHARDS not in ddp  # a ddp run writes one file
+    _assert_close(straight, ddp["model"])
     # A single process keeps the global batch with 4 micro-steps.
     one = build_trainer(_config(root, "fsdp", grad_accum=4), root / "stopped_copy0")
     one.fit()
