@@ -232,7 +232,7 @@ JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 # Run the scheduler every few seconds instead of the defaults (main loop 60 s, backfill 30 s,
 # up to 3 s delay after sbatch): a pending or requeued job starts within seconds of becoming
-# eligible. Cheap on a one-node cluster.
+# eligible. Cheap on a cluster this small.
 SchedulerParameters=batch_sched_delay=0,sched_interval=$SLURM_SCHED_INTERVAL,bf_interval=$SLURM_SCHED_INTERVAL
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
