@@ -258,7 +258,7 @@ Waittime=0
 MinJobAge=300
 
 EOF
-  local i node nodes
+  local i nodes
   for i in "${!NODES[@]}"; do
     echo "NodeName=${NODES[i]} NodeHostname=$SLURM_NODE_NAME NodeAddr=127.0.0.1 Port=$(( SLURM_SLURMD_PORT + i )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$real_mem State=UNKNOWN"
   done >>"$SLURM_CONF_FILE"
