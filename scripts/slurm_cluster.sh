@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start/stop a real one-node SLURM cluster on localhost, for the SLURM tests.
+# Start/stop a real SLURM cluster of one or more nodes on localhost, for the SLURM tests.
 #
 #   scripts/slurm_cluster.sh install   # apt-get install slurm-wlm + munge (skipped when present)
 #   scripts/slurm_cluster.sh start     # write slurm.conf, start munged/slurmctld/slurmd, health-check
@@ -17,12 +17,15 @@
 #   SLURM_LOG_DIR         daemon logs [/var/log/slurm]
 #   SLURM_RUN_DIR         pid files [/run/slurm]
 #   SLURM_CLUSTER_NAME    [minigpt]
-#   SLURM_NODE_NAME       [$(hostname -s)]
-#   SLURM_NODE_CPUS       CPUs the node declares [max(4, 2 x nproc)]: see "Oversubscription" below
-#   SLURM_NODE_MEMORY_MB  RealMemory [what `slurmd -C` reports]
-#   SLURM_PARTITION       the default partition [debug]
-#   SLURM_CTLD_PORT / SLURM_SLURMD_PORT  [6817 / 6818]
-#   SLURM_START_TIMEOUT   seconds to wait for a healthy node [60]
+#   SLURM_NODES           how many nodes [2]: 1 is one node named SLURM_NODE_NAME; N > 1 are nodes
+#                         n1..nN, see "Several nodes on one host" below
+#   SLURM_NODE_NAME       the controller's host, and the node's name when SLURM_NODES=1 [$(hostname -s)]
+#   SLURM_NODE_CPUS       CPUs each node declares [max(4, 2 x nproc)]: see "Oversubscription" below
+#   SLURM_NODE_MEMORY_MB  RealMemory of each node [what `slurmd -C` reports / SLURM_NODES]
+#   SLURM_PARTITION       the default partition, of all nodes [debug]
+#   SLURM_CTLD_PORT / SLURM_SLURMD_PORT  [6817 / 6818]; node nI's slurmd listens on
+#                         SLURM_SLURMD_PORT + I - 1
+#   SLURM_START_TIMEOUT   seconds to wait for every node to be healthy [60]
 #   SLURM_CRED_EXPIRE     step credential lifetime = how long a requeued job waits before it
 #                         may start again [10] (Slurm's default is 120)
 #   SLURM_SCHED_INTERVAL  seconds between scheduler passes (sched_interval, bf_interval) [2]
@@ -35,6 +38,13 @@
 # 2 tasks x 1 CPU run side by side, which the multi-job tests need; the tasks share the
 # real cores. Memory is a consumable (CR_Core_Memory) like on real clusters, with
 # DefMemPerCPU = RealMemory / CPUs so that a job without --mem does not grab the whole node.
+#
+# Several nodes on one host (SLURM_NODES > 1, the default, so that CI runs multi-node jobs): one
+# slurmd per node, started as `slurmd -N nI`, each with its own port, spool folder, pid file and
+# log (slurmd.nI.*). /etc/hosts gets a line `127.0.0.1 nI` per node (added once, kept on stop):
+# a job's ranks find rank 0's host by the node's name. The nodes share the host's cores and
+# memory, so each declares an equal share of the memory (the sum is what the host has) and the
+# same oversubscribed CPUs as a single node would.
 set -euo pipefail
 
 SLURM_CONF_DIR=${SLURM_CONF_DIR:-/etc/slurm}
@@ -42,6 +52,7 @@ SLURM_STATE_DIR=${SLURM_STATE_DIR:-/var/lib/slurm}
 SLURM_LOG_DIR=${SLURM_LOG_DIR:-/var/log/slurm}
 SLURM_RUN_DIR=${SLURM_RUN_DIR:-/run/slurm}
 SLURM_CLUSTER_NAME=${SLURM_CLUSTER_NAME:-minigpt}
+SLURM_NODES=${SLURM_NODES:-2}
 SLURM_NODE_NAME=${SLURM_NODE_NAME:-$(hostname -s)}
 SLURM_PARTITION=${SLURM_PARTITION:-debug}
 SLURM_CTLD_PORT=${SLURM_CTLD_PORT:-6817}
@@ -56,8 +67,14 @@ SLURM_CONF_FILE="$SLURM_CONF_DIR/slurm.conf"
 # Daemons and clients started from this script must read the file we write.
 export SLURM_CONF="$SLURM_CONF_FILE"
 
+[[ $SLURM_NODES =~ ^[1-9][0-9]*$ ]] || { echo "SLURM_NODES=$SLURM_NODES: expected a whole number >= 1" >&2; exit 2; }
+if (( SLURM_NODES == 1 )); then
+  NODES=("$SLURM_NODE_NAME")
+else
+  mapfile -t NODES < <(seq -f 'n%g' 1 "$SLURM_NODES")
+fi
+
 CTLD_PID="$SLURM_RUN_DIR/slurmctld.pid"
-SLURMD_PID="$SLURM_RUN_DIR/slurmd.pid"
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
 MUNGE_LOG=/var/log/munge/munged.log
@@ -80,10 +97,16 @@ running() {
   [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name"* ]]
 }
 
+# The pid file and log of node $1's slurmd (slurm.conf names them with %n).
+slurmd_pid() { echo "$SLURM_RUN_DIR/slurmd.$1.pid"; }
+slurmd_log() { echo "$SLURM_LOG_DIR/slurmd.$1.log"; }
+
 # Print the last lines of every log, to explain a failure.
 show_logs() {
-  local f
-  for f in "$MUNGE_LOG" "$SLURM_LOG_DIR/slurmctld.log" "$SLURM_LOG_DIR/slurmd.log"; do
+  local f node
+  local files=("$MUNGE_LOG" "$SLURM_LOG_DIR/slurmctld.log")
+  for node in "${NODES[@]}"; do files+=("$(slurmd_log "$node")"); done
+  for f in "${files[@]}"; do
     [[ -r $f ]] || continue
     echo "----- tail -n 30 $f -----" >&2
     tail -n 30 "$f" >&2 || true
@@ -156,14 +179,14 @@ write_conf() {
     die "$SLURM_CONF_FILE was not written by this script; set SLURM_FORCE_CONF=1 to overwrite it"
   fi
 
-  # The node's real size, as slurmd itself sees it.
+  # The host's real size, as slurmd itself sees it; its nodes share the memory.
   local hw real_mem nproc_ cpus def_mem
   hw=$(slurmd -C | head -n 1)
   real_mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
+  [[ $real_mem =~ ^[0-9]+$ ]] || die "cannot read RealMemory from 'slurmd -C': $hw"
   nproc_=$(nproc)
   cpus=${SLURM_NODE_CPUS:-$(( 2 * nproc_ > 4 ? 2 * nproc_ : 4 ))}
-  real_mem=${SLURM_NODE_MEMORY_MB:-$real_mem}
-  [[ $real_mem =~ ^[0-9]+$ ]] || die "cannot read RealMemory from 'slurmd -C': $hw"
+  real_mem=${SLURM_NODE_MEMORY_MB:-$(( real_mem / SLURM_NODES ))}
   def_mem=$(( real_mem / cpus ))
 
   mkdir -p "$SLURM_CONF_DIR"
@@ -185,11 +208,12 @@ CredType=cred/munge
 AuthInfo=cred_expire=$SLURM_CRED_EXPIRE
 
 StateSaveLocation=$SLURM_STATE_DIR/slurmctld
-SlurmdSpoolDir=$SLURM_STATE_DIR/slurmd
+# %n: the node's name. Each slurmd of this host needs its own (see the script's header).
+SlurmdSpoolDir=$SLURM_STATE_DIR/slurmd.%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$(slurmd_pid %n)
 SlurmctldLogFile=$SLURM_LOG_DIR/slurmctld.log
-SlurmdLogFile=$SLURM_LOG_DIR/slurmd.log
+SlurmdLogFile=$(slurmd_log %n)
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -208,7 +232,7 @@ JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 # Run the scheduler every few seconds instead of the defaults (main loop 60 s, backfill 30 s,
 # up to 3 s delay after sbatch): a pending or requeued job starts within seconds of becoming
-# eligible. Cheap on a one-node cluster.
+# eligible. Cheap on a cluster this small.
 SchedulerParameters=batch_sched_delay=0,sched_interval=$SLURM_SCHED_INTERVAL,bf_interval=$SLURM_SCHED_INTERVAL
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -233,50 +257,77 @@ MailProg=/bin/true
 Waittime=0
 MinJobAge=300
 
-NodeName=$SLURM_NODE_NAME NodeHostname=$SLURM_NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$real_mem State=UNKNOWN
-PartitionName=$SLURM_PARTITION Nodes=$SLURM_NODE_NAME Default=YES MaxTime=INFINITE State=UP
 EOF
+  local i nodes
+  for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[i]} NodeHostname=$SLURM_NODE_NAME NodeAddr=127.0.0.1 Port=$(( SLURM_SLURMD_PORT + i )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$real_mem State=UNKNOWN"
+  done >>"$SLURM_CONF_FILE"
+  nodes=$(IFS=,; echo "${NODES[*]}")
+  echo "PartitionName=$SLURM_PARTITION Nodes=$nodes Default=YES MaxTime=INFINITE State=UP" >>"$SLURM_CONF_FILE"
   if [[ -n $SLURM_EXTRA_CONF ]]; then
     printf '\n# From SLURM_EXTRA_CONF:\n%s\n' "$SLURM_EXTRA_CONF" >>"$SLURM_CONF_FILE"
   fi
-  log "wrote $SLURM_CONF_FILE (node $SLURM_NODE_NAME: CPUs=$cpus RealMemory=${real_mem}MB, DefMemPerCPU=${def_mem}MB, partition $SLURM_PARTITION)"
+  log "wrote $SLURM_CONF_FILE (nodes $nodes, each CPUs=$cpus RealMemory=${real_mem}MB, DefMemPerCPU=${def_mem}MB; partition $SLURM_PARTITION)"
+}
+
+# Make each node's name resolve to this host (its ranks look rank 0's node up by name). A name
+# that already resolves (the host's own, a line from an earlier start) is left alone.
+add_hosts_entries() {
+  local node
+  (( ${#NODES[@]} > 1 )) || return 0
+  for node in "${NODES[@]}"; do
+    getent hosts "$node" >/dev/null && continue
+    log "adding '127.0.0.1 $node' to /etc/hosts"
+    echo "127.0.0.1 $node  # scripts/slurm_cluster.sh" >>/etc/hosts
+  done
 }
 
 # ------------------------------------------------------------------ health
-node_state() { sinfo -h -N -n "$SLURM_NODE_NAME" -o '%T' 2>/dev/null | head -n 1; }
+# The state of node $1 as sinfo reports it ("" when slurmctld does not know it yet).
+node_state() { sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n 1; }
 
+# Wait until slurmctld answers and every node is up, then run a one-task-per-node test job.
 wait_healthy() {
-  local deadline=$(( SECONDS + SLURM_START_TIMEOUT )) state="" resumed=0
+  local deadline=$(( SECONDS + SLURM_START_TIMEOUT )) node state states busy waiting
+  local -A resumed=()
   until scontrol ping 2>/dev/null | grep -q 'is UP'; do
     (( SECONDS < deadline )) || fail "slurmctld does not answer (scontrol ping) after ${SLURM_START_TIMEOUT}s"
     sleep 1
   done
   while :; do
-    state=$(node_state)
-    case $state in
-      idle|mixed|allocated|completing) break ;;
-      *drain*|down*)
-        # ReturnToService=2 should handle this; a drain left over from earlier needs a nudge.
-        if (( ! resumed )); then
-          log "node is '$state', resuming it"
-          scontrol update NodeName="$SLURM_NODE_NAME" State=RESUME 2>/dev/null || true
-          resumed=1
-        fi ;;
-    esac
-    (( SECONDS < deadline )) || { sinfo -N -l >&2 || true; fail "node $SLURM_NODE_NAME is '$state', not idle, after ${SLURM_START_TIMEOUT}s"; }
+    states=() busy=0 waiting=()
+    for node in "${NODES[@]}"; do
+      state=$(node_state "$node")
+      states+=("$node=$state")
+      case $state in
+        idle|mixed) ;;
+        allocated|completing) busy=1 ;;
+        *drain*|down*)
+          waiting+=("$node")
+          # ReturnToService=2 should handle this; a drain left over from earlier needs a nudge.
+          if [[ -z ${resumed[$node]:-} ]]; then
+            log "node $node is '$state', resuming it"
+            scontrol update NodeName="$node" State=RESUME 2>/dev/null || true
+            resumed[$node]=1
+          fi ;;
+        *) waiting+=("$node") ;;
+      esac
+    done
+    (( ${#waiting[@]} == 0 )) && break
+    (( SECONDS < deadline )) || { sinfo -N -l >&2 || true; fail "nodes not up after ${SLURM_START_TIMEOUT}s: ${states[*]}"; }
     sleep 1
   done
-  if [[ $state == allocated || $state == completing ]]; then
-    log "node is $state (busy with jobs): skipping the test srun"
+  if (( busy )); then
+    log "nodes busy with jobs (${states[*]}): skipping the test srun"
   else
-    local left=$(( deadline - SECONDS )) out
+    local left=$(( deadline - SECONDS )) out n=${#NODES[@]}
     (( left >= 15 )) || left=15
     # Run from / so the step does not depend on the caller's cwd.
-    out=$(cd / && timeout "$left" srun --quiet -N1 -n1 -t 1 -J slurm_cluster_check hostname 2>&1) \
-      || fail "test job 'srun -N1 -n1 hostname' failed: $out"
-    log "test job ran on: $out"
+    out=$(cd / && timeout "$left" srun --quiet -N "$n" -n "$n" -t 1 -J slurm_cluster_check \
+      printenv SLURMD_NODENAME 2>&1) || fail "test job 'srun -N $n -n $n' failed: $out"
+    log "test job ran on: $(sort <<<"$out" | paste -sd ' ')"
   fi
-  log "cluster is up: node $SLURM_NODE_NAME ($state), partition $SLURM_PARTITION"
+  log "cluster is up: ${states[*]}, partition $SLURM_PARTITION"
 }
 
 # ------------------------------------------------------------------ start / stop
@@ -292,21 +343,26 @@ cmd_start() {
   require_binaries
   local t0=$SECONDS
   start_munge
-  if running "$CTLD_PID" slurmctld && running "$SLURMD_PID" slurmd; then
-    log "slurmctld and slurmd already running: checking health only"
+  if running "$CTLD_PID" slurmctld && all_slurmd_running; then
+    log "slurmctld and ${#NODES[@]} slurmd already running: checking health only"
     wait_healthy
     return 0
   fi
   # Half a cluster (one daemon died): start over cleanly.
   stop_slurm
   write_conf
-  mkdir -p "$SLURM_STATE_DIR/slurmctld" "$SLURM_STATE_DIR/slurmd" "$SLURM_LOG_DIR" "$SLURM_RUN_DIR"
+  add_hosts_entries
+  local node
+  mkdir -p "$SLURM_STATE_DIR/slurmctld" "$SLURM_LOG_DIR" "$SLURM_RUN_DIR"
+  for node in "${NODES[@]}"; do mkdir -p "$SLURM_STATE_DIR/slurmd.$node"; done
   # -c: start from a clean state (no jobs or node states left from an earlier run, whose
   # config may have differed); 'stop' cancels all jobs anyway. Both daemons fork into the background.
   log "starting slurmctld"
   slurmctld -c || fail "slurmctld did not start"
-  log "starting slurmd"
-  slurmd -N "$SLURM_NODE_NAME" || fail "slurmd did not start"
+  for node in "${NODES[@]}"; do
+    log "starting slurmd of node $node"
+    slurmd -N "$node" || fail "slurmd of node $node did not start"
+  done
   wait_healthy
   log "started in $(( SECONDS - t0 ))s"
   if [[ $SLURM_CONF_FILE != /etc/slurm/slurm.conf ]]; then
@@ -314,7 +370,15 @@ cmd_start() {
   fi
 }
 
-# Wait up to $2 seconds for the process in pid file $1 to exit; then TERM, then KILL it.
+# Whether every node's slurmd is running.
+all_slurmd_running() {
+  local node
+  for node in "${NODES[@]}"; do
+    running "$(slurmd_pid "$node")" slurmd || return 1
+  done
+}
+
+# Wait up to $3 seconds for the process in pid file $1 to exit; then TERM, then KILL it.
 stop_pid() {
   local pidfile=$1 name=$2 wait_s=$3 pid i
   running "$pidfile" "$name" || return 0
@@ -350,11 +414,19 @@ stop_slurm() {
     scontrol shutdown >/dev/null 2>&1 || true
   fi
   stop_pid "$CTLD_PID" slurmctld 15
-  if running "$SLURMD_PID" slurmd; then
-    kill -TERM "$(<"$SLURMD_PID")" 2>/dev/null || true
-  fi
-  stop_pid "$SLURMD_PID" slurmd 15
-  rm -f "$CTLD_PID" "$SLURMD_PID"
+  # Every slurmd with a pid file here, whatever SLURM_NODES was when it started
+  # (slurmd.pid: a one-node cluster started before there were several).
+  local pidfile
+  for pidfile in "$SLURM_RUN_DIR"/slurmd.pid "$SLURM_RUN_DIR"/slurmd.*.pid; do
+    if running "$pidfile" slurmd; then
+      kill -TERM "$(<"$pidfile")" 2>/dev/null || true
+    fi
+  done
+  for pidfile in "$SLURM_RUN_DIR"/slurmd.pid "$SLURM_RUN_DIR"/slurmd.*.pid; do
+    stop_pid "$pidfile" slurmd 15
+    rm -f "$pidfile"
+  done
+  rm -f "$CTLD_PID"
   local strays
   strays=$(pgrep -x slurmstepd | tr '\n' ' ' || true)
   [[ -z $strays ]] || log "WARNING: slurmstepd processes still running (pids $strays)"
@@ -369,12 +441,15 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local rc=0 pair
-  for pair in "$MUNGE_PID:munged" "$CTLD_PID:slurmctld" "$SLURMD_PID:slurmd"; do
-    if running "${pair%%:*}" "${pair##*:}"; then
-      log "${pair##*:}: running (pid $(<"${pair%%:*}"))"
+  local rc=0 pair node pidfile name what
+  local pairs=("$MUNGE_PID:munged:munged" "$CTLD_PID:slurmctld:slurmctld")
+  for node in "${NODES[@]}"; do pairs+=("$(slurmd_pid "$node"):slurmd:slurmd of node $node"); done
+  for pair in "${pairs[@]}"; do
+    IFS=: read -r pidfile name what <<<"$pair"
+    if running "$pidfile" "$name"; then
+      log "$what: running (pid $(<"$pidfile"))"
     else
-      log "${pair##*:}: not running"
+      log "$what: not running"
       rc=1
     fi
   done

@@ -135,7 +135,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def alphabet_corpus(tmp_path: Path) -> Path:
     """20 small files of the alphabet, one per line: trivially learnable, easy to recognise."""
-    folder = tmp_path / "corpus"
+    return write_alphabet_corpus(tmp_path / "corpus")
+
+
+def write_alphabet_corpus(folder: Path) -> Path:
+    """The files of ``alphabet_corpus`` in a new ``folder`` (for fixtures of a wider scope)."""
     folder.mkdir()
     for i in range(20):
         (folder / f"doc{i:02d}.txt").write_text(ALPHABET_LINE * 40)
@@ -216,7 +220,7 @@ def _gpu_suite_asked_for(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs): a file's tests share
     one worker, so its module fixtures are built once; every SLURM test shares one too, because
-    the one-node test cluster runs one job at a time and the jobs' waits would otherwise overlap."""
+    the local test cluster has few CPUs (jobs queue) and the jobs' waits would otherwise overlap."""
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

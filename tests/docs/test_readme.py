@@ -542,7 +542,7 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         append=("model.n_layer=1",),
         new_runs=2,
         timeout=600,
-        why="submitted to the local one-node cluster, each model cut to one layer",
+        why="submitted to the local cluster, each model cut to one layer",
         marks=SLURM,
     ),
     "python train.py -m model=small,medium cluster=slurm hydra.launcher.partition=gpu "
@@ -593,7 +593,7 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         append=("model=tiny",),
         new_runs=3,
         timeout=600,
-        why="submitted to the local one-node cluster (the preset is made for it)",
+        why="submitted to the local cluster (the preset is made for it)",
         marks=SLURM,
     ),
     "python train.py -m +sweep=model_size model=tiny,mini": Run(new_runs=2, marks=SLOW),
@@ -608,7 +608,7 @@ REGISTRY: dict[str, Run | ByCI | Service | Offline] = {
         append=("hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"),
         new_runs=2,
         timeout=600,
-        why="2 of the 12 trials, on the local one-node cluster (tests/slurm/test_slurm_search.py "
+        why="2 of the 12 trials, on the local cluster (tests/slurm/test_slurm_search.py "
         "runs a search with a failed trial; tests/integration/test_search.py a restarted one)",
         marks=SLURM,
     ),

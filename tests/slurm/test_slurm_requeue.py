@@ -45,12 +45,12 @@ ACTIONS = {
 REQUEUED = ("lines", "off", "auto")
 
 
-def _train_args(corpus: Path, cache: Path) -> list[str]:
+def _train_args(corpus: Path, cache: Path, steps: int = STEPS) -> list[str]:
     return [
         "model=tiny",
         *text_data_args(corpus, cache),
         "train.batch_size=4",
-        f"train.max_steps={STEPS}",
+        f"train.max_steps={steps}",
         "train.eval_every=500",
         "train.ckpt_every=500",
         "train.eval_steps=2",
@@ -62,36 +62,18 @@ def _train_args(corpus: Path, cache: Path) -> list[str]:
 def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     tmp_path: Path, alphabet_corpus: Path, cache_dir: Path
 ) -> None:
-    # The reference first (the jobs must not finish before they are signalled): 1 process,
-    # batch 4 x 2 accumulation steps, one thread.
-    ref_dir = tmp_path / "reference"
-    ref_args = [*_train_args(alphabet_corpus, cache_dir), "train.grad_accum=2"]
-    ref = run_entry(
-        "train.py",
-        *ref_args,
-        f"hydra.run.dir={ref_dir}",
-        cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1"},
-        timeout=JOB_TIMEOUT_S,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # The reference first: the jobs must not finish before they are signalled.
+    expected = _uninterrupted_weights(tmp_path, alphabet_corpus, cache_dir)
 
     sweep_dir = tmp_path / "multirun"
     t0 = time.monotonic()
-    result = run_entry(
-        "train.py",
-        "-m",
+    submitted = _submit(
+        tmp_path,
+        sweep_dir,
         "cluster=slurm_cpu",  # 2 tasks x 1 CPU: DDP over 2 ranks, one thread each
-        "hydra.launcher.wait=false",
-        "hydra.launcher.timeout_min=15",
-        f"hydra.sweep.dir={sweep_dir}",
         f"train.progress={','.join(ACTIONS)}",
         *_train_args(alphabet_corpus, cache_dir),
-        cwd=tmp_path,
-        timeout=120,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    submitted = json.loads((sweep_dir / "submitted.json").read_text())
     jobs = {sweep_dir / str(rec["job"]): rec for rec in submitted}
     assert len(jobs) == 4
 
@@ -113,7 +95,6 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     requeued = {d: rec for d, rec in jobs.items() if _progress(rec) in REQUEUED}
     infos = {job_dir: _wait_for_end(job_dir, deadline) for job_dir in requeued}
     _wait_until_gone(str(submitted[0]["job_id"]).split("_")[0], 60)
-    expected = checkpoint.load(ref_dir / "checkpoints" / "last.pt")["model"]
     for job_dir, info in infos.items():
         how, sig = ACTIONS[_progress(jobs[job_dir])]
         log = _logs(job_dir, str(jobs[job_dir]["job_id"]))
@@ -144,6 +125,42 @@ def test_signalled_jobs_are_requeued_and_end_with_uninterrupted_weights(
     assert step == int(stopped.group(1)) >= 30
     assert last_logged_step(cancelled / "metrics.jsonl") <= step < STEPS
     print(f"job {jobs[cancelled]['job_id']} (scancel): {stopped.group(0)}; stayed cancelled")
+
+
+def _submit(tmp_path: Path, sweep_dir: Path, *overrides: str) -> list[dict]:
+    """Submit the sweep of ``overrides`` into ``sweep_dir`` without waiting for its jobs;
+    the launcher's record of each job (submitted.json)."""
+    result = run_entry(
+        "train.py",
+        "-m",
+        "hydra.launcher.wait=false",
+        "hydra.launcher.timeout_min=15",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+        cwd=tmp_path,
+        timeout=120,  # returns once submitted, long before the jobs end
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads((sweep_dir / "submitted.json").read_text())
+
+
+def _uninterrupted_weights(
+    tmp_path: Path, corpus: Path, cache: Path, steps: int = STEPS
+) -> dict[str, torch.Tensor]:
+    """The final weights of one process over the jobs' global batch (batch 4 x 2 accumulation
+    steps, one thread), run in ``tmp_path/reference``: what 2 DDP ranks of batch 4 end with."""
+    ref_dir = tmp_path / "reference"
+    ref = run_entry(
+        "train.py",
+        *_train_args(corpus, cache, steps),
+        "train.grad_accum=2",
+        f"hydra.run.dir={ref_dir}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return checkpoint.load(ref_dir / "checkpoints" / "last.pt")["model"]
 
 
 def _progress(rec: dict) -> str:

@@ -1,6 +1,6 @@
 """A Bayesian search (``hydra/sweeper=search``) whose trials are SLURM jobs of 2 DDP ranks each.
 
-Needs the one-node cluster of scripts/slurm_cluster.sh (CI starts it); every wait is bounded.
+Needs the local cluster of scripts/slurm_cluster.sh (CI starts it); every wait is bounded.
 """
 
 from __future__ import annotations

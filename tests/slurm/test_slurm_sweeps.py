@@ -1,6 +1,6 @@
 """Sweeps submitted to a real SLURM cluster through hydra-submitit-launcher, 2 DDP ranks per job.
 
-Needs the one-node cluster of scripts/slurm_cluster.sh (CI starts it). Every wait is bounded:
+Needs the local cluster of scripts/slurm_cluster.sh (CI starts it). Every wait is bounded:
 a job that never ends fails the test at its timeout instead of hanging CI.
 """
 
