@@ -1,10 +1,13 @@
 """Jobs of 2 nodes x 1 task on the multi-node cluster of scripts/slurm_cluster.sh (SLURM_NODES=2,
-its default): DDP, FSDP, and a DDP job preempted and requeued, from one sweep.
+its default): DDP, FSDP, and an FSDP job preempted and requeued (its sharded checkpoint saved
+on the way out and resumed from), from one sweep.
 
 Each ends with the weights of one process over the same global batch (batch 4 x 2 accumulated
 micro-batches): bit-identical for DDP (rank r's micro-batch is accumulation step r's, and a
 gradient halved then summed equals one summed then halved: halving is exact), within float32
-rounding for FSDP (atol 1e-5, as over 2 tasks of one node, see test_slurm_sweeps.py).
+rounding for FSDP (atol 1e-5, as over 2 tasks of one node, see test_slurm_sweeps.py; 1.9e-6
+measured). The preempted FSDP job ends bit-identical to the uninterrupted one: a resume on the
+same two ranks reduces in the same order.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 STEPS = 300  # a few seconds of training per job: a window to requeue one (at step 30)
-# One job per value; the second ddp job is the one preempted.
-PARALLEL = ("ddp", "fsdp", "ddp")
+# One job per value; the second fsdp job is the one preempted.
+PARALLEL = ("ddp", "fsdp", "fsdp")
 PREEMPTED = 2
 
 
@@ -119,5 +122,7 @@ def test_a_preempted_two_node_job_is_requeued_and_ends_with_uninterrupted_weight
     final = _assert_two_node_job(job, info, log)
     assert info["distributed"]["slurm_restart_count"] == 1 and info["resumed_from"]
     assert re.search(r"stopped by SIGTERM at step \d+", log), log[-2000:]
-    expected = two_node_jobs["expected"]
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert info["config"]["train"]["parallel"] == "fsdp"
+    assert checkpoint.SHARDS in checkpoint.load(job / "checkpoints" / "last.pt", read="meta")
+    straight = checkpoint.load(two_node_jobs["jobs"][1] / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(final[k], straight[k]) for k in straight), "resume drifted"
