@@ -334,9 +334,15 @@ PROCESS_GROUP = textwrap.dedent(
     import torch
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
-    from minigpt import distributed
+    import tempfile
+    from pathlib import Path
+    from torch.distributed.tensor import DTensor
+    from minigpt import checkpoint, distributed
+    from minigpt.config import OptimizerConfig
     from minigpt.distributed import Dist
     from minigpt.model import GPT, GPTConfig
+    from minigpt.optim import build_optimizer
+    from minigpt.parallel import Parallel
 
     device_kind, backend, out = sys.argv[1:4]
     torch.use_deterministic_algorithms(True)
@@ -368,6 +374,50 @@ PROCESS_GROUP = textwrap.dedent(
         return all(torch.equal(a, b) for a, b in pairs)
 
 
+    def fsdp_facts(job):
+        # train.parallel=fsdp's CUDA path on a one-rank mesh: the bf16 policy (bf16 compute,
+        # fp32 master weights and gradients), a clipped step, and DCP shards saved and loaded
+        # over NCCL, then consolidated on the host.
+        cfg = GPTConfig(n_layer=2, n_head=2, d_model=64, block_size=32, vocab_size=256)
+        torch.manual_seed(0)
+        par = Parallel(GPT(cfg), "fsdp", job, torch.bfloat16)
+        optimizer = build_optimizer(par.model, OptimizerConfig(lr=1e-3))
+        seen = []
+        linear = par.model.transformer.h[0].attn.c_attn
+        hook = linear.register_forward_hook(lambda m, i, o: seen.append(str(o.dtype)))
+        batch = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+        batch = batch.to(job.device)
+        _, loss = par.model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        hook.remove()
+        params = list(par.model.parameters())
+        facts = {
+            "sharded": par.sharded,
+            "params": sorted({f"{type(p).__name__} {p.dtype}" for p in params}),
+            "grads": sorted({str(p.grad.dtype) for p in params}),
+            "compute": seen,
+            "grad_norm_finite": bool(torch.isfinite(torch.tensor(par.clip_grad_norm(1.0)))),
+        }
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "shards"
+            par.save_shards(optimizer, folder)
+            torch.manual_seed(1)  # another init: the load must replace it
+            again = Parallel(GPT(cfg), "fsdp", job, torch.bfloat16)
+            again_opt = build_optimizer(again.model, OptimizerConfig(lr=1e-3))
+            again.load_shards(again_opt, folder)
+            full = {n: p.full_tensor() for n, p in par.model.named_parameters()}
+            loaded = {n: p.full_tensor() for n, p in again.model.named_parameters()}
+            facts["reloaded_equal"] = all(torch.equal(full[n], loaded[n]) for n in full)
+            host = checkpoint.read_shards(folder, par.param_order(optimizer))["model"]
+            facts["consolidated_equal"] = all(
+                torch.equal(host[n].to(job.device), full[n]) for n in full
+            )
+        facts["dtensor"] = all(isinstance(p, DTensor) for p in params)
+        return facts
+
+
     found = distributed.setup(device_kind, backend, timeout_s=60)
     job = OneRankGroup(**{**asdict(found), "backend": backend})
     distributed._init_process_group(job, backend, job.device, 60)
@@ -390,6 +440,7 @@ PROCESS_GROUP = textwrap.dedent(
         }
         distributed.barrier(job)
         facts["ddp_matches_plain"] = ddp_matches_plain(device)
+        facts["fsdp"] = fsdp_facts(job)
     finally:
         distributed.teardown(job)
     facts["initialized_after_teardown"] = tdist.is_initialized()

@@ -32,3 +32,19 @@ def test_single_gpu_nccl_process_group_runs_collectives_and_ddp(
     assert facts["gathered"] == [{"rank": 0}]
     assert facts["ddp_matches_plain"] is True
     assert facts["initialized_after_teardown"] is False
+
+
+def test_fsdp_on_a_one_rank_mesh_computes_in_bf16_keeps_fp32_and_round_trips_its_shards(
+    process_group: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """train.parallel=fsdp's CUDA path (a job of one GPU does not shard; the script forces
+    it): weights gathered and computed in bf16, fp32 master weights and gradients (DTensors),
+    a finite clipped norm, and DCP shards that load back bit-identical over NCCL and
+    consolidate on the host."""
+    done, out = process_group
+    assert done.returncode == 0, done.stderr[-4000:]
+    fsdp = json.loads(out.read_text())["fsdp"]
+    assert fsdp["sharded"] and fsdp["dtensor"]
+    assert fsdp["params"] == ["DTensor torch.float32"] and fsdp["grads"] == ["torch.float32"]
+    assert fsdp["compute"] == ["torch.bfloat16" if ON_GPU else "torch.float32"]
+    assert fsdp["grad_norm_finite"] and fsdp["reloaded_equal"] and fsdp["consolidated_equal"]
