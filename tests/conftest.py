@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,15 +218,29 @@ def _gpu_suite_asked_for(config: pytest.Config) -> bool:
     return False
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs), a file's tests share
+    one worker, so its module fixtures are built once; the files of tests/slurm share one too,
+    because the local test cluster has few CPUs (jobs queue) and their waits would otherwise
+    overlap. xdist 3.8's own ``loadgroup`` reads groups from nodeids it renames, which pytest 9
+    no longer uses: every test was its own group, and module fixtures were built on both workers
+    (measured: the two-rank spawns of test_parallel and the SLURM jobs of the multi-node test,
+    twice each)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "tests/slurm" if path.startswith("tests/slurm/") else path
+
+    return ByFile(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs): a file's tests share
-    one worker, so its module fixtures are built once; every SLURM test shares one too, because
-    the local test cluster has few CPUs (jobs queue) and the jobs' waits would otherwise overlap."""
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    # The longest groups first (the SLURM jobs, then the README's commands): handed out last,
-    # one of them would run alone at the end while the other worker idles.
+    """The longest groups first (the SLURM jobs, then the README's commands): handed out last,
+    one of them would run alone at the end while the other worker idles."""
     items.sort(key=lambda item: _start_rank(item))
 
 

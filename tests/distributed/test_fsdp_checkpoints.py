@@ -21,6 +21,7 @@ from tests.conftest import (
     run_entry,
     run_torchrun,
     tiny_train_args,
+    write_alphabet_corpus,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -68,10 +69,7 @@ def _args(corpus: Path, run_dir: Path, cache: Path) -> list[str]:
 def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """An uninterrupted sharded run, and the corpus and cache it used."""
     root = tmp_path_factory.mktemp("fsdp")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"doc{i}.txt").write_text(f"line {i}: " + "the quick brown fox; " * 40 + "\n")
+    corpus = write_alphabet_corpus(root / "corpus")
     run_dir = root / "straight"
     result = run_torchrun(2, "train.py", *_args(corpus, run_dir, root / "cache"), cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,9 +143,9 @@ def test_generate_the_exports_and_consolidate_read_the_shards(
     checkpoint; consolidate writes the one file with the same weights."""
     run_dir, _, _ = straight
     last = run_dir / "checkpoints" / "last.pt"
-    args = [f"checkpoint={last}", "prompt=line", "max_tokens=20", "device=cpu"]
+    args = [f"checkpoint={last}", "prompt=abc", "max_tokens=20", "device=cpu"]
     sampled = run_entry("generate.py", *args, cwd=tmp_path)
-    assert sampled.returncode == 0 and sampled.stdout.startswith("line"), sampled.stderr[-2000:]
+    assert sampled.returncode == 0 and sampled.stdout.startswith("abc"), sampled.stderr[-2000:]
     one = consolidate(last, tmp_path / "one.pt")
     export.export(last, tmp_path / "w.safetensors")
     export.export(last, tmp_path / "hf")
