@@ -262,7 +262,8 @@ def load(
     if SHARDS in state:
         folder = shard_folder(path, state)
         if read != "meta":
-            state.update(read_shards(folder, state.get("param_order"), read, map_location))
+            order, aliases = state.get("param_order"), state.get("aliases") or {}
+            state.update(read_shards(folder, order, aliases, read, map_location))
     return state
 
 
@@ -293,11 +294,13 @@ def shard_folder(path: Path, state: dict[str, Any]) -> Path:
 def read_shards(
     folder: Path,
     order: list[str] | None,
+    aliases: dict[str, str] | None = None,
     read: str = "all",
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """The full model (and optimizer) state of a shard folder on this one process, as a
-    single-process run saves it. ``order``: the parameter names in the optimizer's index order."""
+    single-process run saves it. ``order``: the parameter names in the optimizer's index order;
+    ``aliases``: the names written once under another (the tied head), given back their tensor."""
     state: dict[str, Any] = {}
     keys = {"model"} if read == "model" else {"model", "optimizer", FRESH}
     # DCP's public load fills a state dict shaped like the model's; to read a checkpoint
@@ -308,6 +311,8 @@ def read_shards(
         _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - the shards are the fault
         raise _corrupted(folder, type(err).__name__) from None
+    for alias, name in (aliases or {}).items():
+        state["model"][alias] = state["model"][name]  # one tensor, as in the model's state dict
     if map_location != "cpu":
         state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
     if "optimizer" in state:

@@ -32,7 +32,7 @@ def consolidate(
     if checkpoint.SHARDS not in state:
         raise CheckpointError(f"{source} is already a single-file checkpoint; copy it as it is")
     state = checkpoint.load(source)
-    for key in ("format", "version", checkpoint.SHARDS, "param_order"):
+    for key in ("format", "version", checkpoint.SHARDS, "param_order", "aliases"):
         state.pop(key, None)
     checkpoint.save(state, out)
     return out

@@ -108,6 +108,8 @@ class Parallel:
         (a collective: DCP's metadata is written once all ranks have written theirs)."""
         fresh = not optimizer.state  # no step taken yet (or every one skipped as non-finite)
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        for alias in self.aliases():  # the tied head: written once, under the embedding's name
+            model_sd.pop(alias, None)
         if fresh:  # get_state_dict made AdamW's state with a zero step: step counter 1, which
             optimizer.state.clear()  # would change the first real step's bias correction
         state = {"model": model_sd, "optimizer": optim_sd, FRESH: torch.tensor(fresh)}
@@ -124,7 +126,9 @@ class Parallel:
         """Load a sharded checkpoint written by any number of ranks: each rank reads the parts
         of its own shards (DCP reshards), an unsharded model reads everything."""
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd, FRESH: torch.tensor(False)}
+        aliases = self.aliases()
+        loaded = {k: v for k, v in model_sd.items() if k not in aliases}
+        state = {"model": loaded, "optimizer": optim_sd, FRESH: torch.tensor(False)}
         with warnings.catch_warnings():  # one process reading a checkpoint: as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             try:
@@ -136,6 +140,8 @@ class Parallel:
                     f"{str(cause).splitlines()[0] if str(cause) else ''}); use another "
                     "checkpoint, e.g. an older one in the same folder"
                 ) from None
+        for alias, name in aliases.items():
+            state["model"][alias] = state["model"][name]
         set_state_dict(
             self.model,
             optimizer,
@@ -183,6 +189,19 @@ class Parallel:
             if torch.is_tensor(v) and v.dim() > 0
         )
         return params, state
+
+    def aliases(self) -> dict[str, str]:
+        """Names under which a parameter appears again, to the name it first has: the head tied
+        to the token embedding (``lm_head.weight`` -> ``transformer.wte.weight``). A state dict
+        lists both; DCP would write the matrix twice."""
+        first: dict[int, str] = {}
+        found = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                found[name] = first[id(param)]
+            else:
+                first[id(param)] = name
+        return found
 
     def param_order(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Parameter names in the optimizer's index order (groups in order, then parameters)."""

@@ -615,6 +615,7 @@ class Trainer:
         if not with_tensors:
             del state["model"], state["optimizer"]
             state["param_order"] = self.parallel.param_order(self.optimizer)
+            state["aliases"] = self.parallel.aliases()
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state

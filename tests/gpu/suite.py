@@ -410,7 +410,8 @@ PROCESS_GROUP = textwrap.dedent(
             full = {n: p.full_tensor() for n, p in par.model.named_parameters()}
             loaded = {n: p.full_tensor() for n, p in again.model.named_parameters()}
             facts["reloaded_equal"] = all(torch.equal(full[n], loaded[n]) for n in full)
-            host = checkpoint.read_shards(folder, par.param_order(optimizer))["model"]
+            order, aliases = par.param_order(optimizer), par.aliases()
+            host = checkpoint.read_shards(folder, order, aliases)["model"]
             facts["consolidated_equal"] = all(
                 torch.equal(host[n].to(job.device), full[n]) for n in full
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from minigpt import checkpoint, runfolder
 from minigpt.checkpoint import CheckpointError
@@ -46,6 +47,7 @@ def _save(folder: Path, step: int, seed: int = 0, best: bool = False, keep_last:
         "model_config": asdict(CONFIG),
         "train_state": {"step": step},
         "param_order": parallel.param_order(optimizer),
+        "aliases": parallel.aliases(),
     }
     return checkpoint.save_step(meta, folder, step, keep_last=keep_last, best=best, shards=tmp)
 
@@ -218,9 +220,25 @@ def test_an_optimizer_saved_before_its_first_step_loads_without_state(tmp_path: 
     tmp = checkpoint.shards_tmp(tmp_path, 0)
     parallel.save_shards(optimizer, tmp)
     assert optimizer.state_dict()["state"] == {}  # left as it was
-    meta = {"param_order": parallel.param_order(optimizer)}
+    meta = {"param_order": parallel.param_order(optimizer), "aliases": parallel.aliases()}
     path = checkpoint.save_step(meta, tmp_path, 0, keep_last=1, best=False, shards=tmp)
     assert checkpoint.load(path)["optimizer"] == optimizer.state_dict()
     again = build_optimizer(parallel.model, OptimizerConfig())
     parallel.load_shards(again, tmp_path / "step_0000000.dcp")
     assert again.state_dict()["state"] == {}
+
+
+def test_the_tied_head_is_written_once_and_read_back_as_the_embedding(tmp_path: Path) -> None:
+    """GPT's head is its token embedding: a state dict lists it twice, the shards hold it once
+    (for GPT-2 small, 38.6M of 124M parameters written twice), and every reader ties it again."""
+    path = _save(tmp_path, 1)
+    metadata = dcp.FileSystemReader(str(tmp_path / "step_0000001.dcp")).read_metadata()
+    names = set(metadata.state_dict_metadata)
+    assert "model.transformer.wte.weight" in names and "model.lm_head.weight" not in names
+    model = checkpoint.load(path)["model"]
+    assert model["lm_head.weight"] is model["transformer.wte.weight"]
+    parallel = Parallel(GPT(CONFIG), "ddp", Dist(), torch.float32)
+    optimizer = build_optimizer(parallel.model, OptimizerConfig(lr=1e-2))
+    parallel.load_shards(optimizer, tmp_path / "step_0000001.dcp")
+    head, embedding = parallel.model.lm_head.weight, parallel.model.transformer.wte.weight
+    assert head is embedding and torch.equal(embedding, model["transformer.wte.weight"])
