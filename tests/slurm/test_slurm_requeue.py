@@ -31,7 +31,7 @@ from tests.slurm.test_slurm_sweeps import JOB_TIMEOUT_S, _wait_until_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
-STEPS = 1000  # ~7 s of training per job alone: still a wide window to signal it in (at step 30)
+STEPS = 300  # ~2 s of training per job alone: still a window to signal it in (at step 30)
 # train.progress value of a job -> how it is interrupted, and the signal its ranks then get
 # The signals go to the job's srun step (``<job>.0``), as SLURM's own --signal does: signalling
 # an array task as a whole also reaches it, but while sibling tasks are pending slurmctld answers
