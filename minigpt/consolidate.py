@@ -28,10 +28,9 @@ def consolidate(
     """Write ``src``'s full state to ``dst`` atomically; refuses a checkpoint that is one file."""
     source, out = Path(src).expanduser(), Path(dst).expanduser()
     check_output(source, out, force)
-    state = checkpoint.load(source, read="meta")
+    state = checkpoint.load(source)
     if checkpoint.SHARDS not in state:
         raise CheckpointError(f"{source} is already a single-file checkpoint; copy it as it is")
-    state = checkpoint.load(source)
     for key in ("format", "version", checkpoint.SHARDS, "param_order", "aliases"):
         state.pop(key, None)
     checkpoint.save(state, out)

@@ -108,8 +108,7 @@ class Parallel:
         (a collective: DCP's metadata is written once all ranks have written theirs)."""
         fresh = not optimizer.state  # no step taken yet (or every one skipped as non-finite)
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
-        for alias in self.aliases():  # the tied head: written once, under the embedding's name
-            model_sd.pop(alias, None)
+        model_sd = self._unaliased(model_sd)
         if fresh:  # get_state_dict made AdamW's state with a zero step: step counter 1, which
             optimizer.state.clear()  # would change the first real step's bias correction
         state = {"model": model_sd, "optimizer": optim_sd, FRESH: torch.tensor(fresh)}
@@ -126,9 +125,11 @@ class Parallel:
         """Load a sharded checkpoint written by any number of ranks: each rank reads the parts
         of its own shards (DCP reshards), an unsharded model reads everything."""
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
-        aliases = self.aliases()
-        loaded = {k: v for k, v in model_sd.items() if k not in aliases}
-        state = {"model": loaded, "optimizer": optim_sd, FRESH: torch.tensor(False)}
+        state = {
+            "model": self._unaliased(model_sd),
+            "optimizer": optim_sd,
+            FRESH: torch.tensor(False),
+        }
         with warnings.catch_warnings():  # one process reading a checkpoint: as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             try:
@@ -140,7 +141,7 @@ class Parallel:
                     f"{str(cause).splitlines()[0] if str(cause) else ''}); use another "
                     "checkpoint, e.g. an older one in the same folder"
                 ) from None
-        for alias, name in aliases.items():
+        for alias, name in self.aliases().items():
             state["model"][alias] = state["model"][name]
         set_state_dict(
             self.model,
@@ -202,6 +203,11 @@ class Parallel:
             else:
                 first[id(param)] = name
         return found
+
+    def _unaliased(self, model_sd: dict[str, Any]) -> dict[str, Any]:
+        """``model_sd`` without the alias names: the tied head written once, as the embedding."""
+        aliases = self.aliases()
+        return {k: v for k, v in model_sd.items() if k not in aliases}
 
     def param_order(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Parameter names in the optimizer's index order (groups in order, then parameters)."""

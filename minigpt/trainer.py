@@ -597,25 +597,26 @@ class Trainer:
 
     def _checkpoint_state(self, with_tensors: bool = True) -> dict[str, Any]:
         """All a resume needs; ``with_tensors`` False: all but the model and optimizer state
-        (in the shards), and the parameters' order, which numbers the optimizer's state."""
-        model_state, optimizer_state = (
-            self.parallel.state_dicts(self.optimizer) if with_tensors else (None, None)
-        )
+        (in the shards), plus the parameters' order, which numbers the optimizer's state, and
+        the tied names the shards hold once."""
+        if with_tensors:
+            model_state, optimizer_state = self.parallel.state_dicts(self.optimizer)
+            tensors = {"model": model_state, "optimizer": optimizer_state}
+        else:
+            tensors = {
+                "param_order": self.parallel.param_order(self.optimizer),
+                "aliases": self.parallel.aliases(),
+            }
         state = {
-            "model": model_state,
+            **tensors,
             "model_config": asdict(self.model.config),
             "tokenizer": self.corpus.tokenizer.state(),
-            "optimizer": optimizer_state,
             "sampler": self.sampler.state_dict(),
             "train_state": asdict(self.state),
             "config": as_dict(self.cfg),
             "data": runfolder.data_summary(self.corpus.meta),
             "logger_run_id": self.logger_run_id,
         }
-        if not with_tensors:
-            del state["model"], state["optimizer"]
-            state["param_order"] = self.parallel.param_order(self.optimizer)
-            state["aliases"] = self.parallel.aliases()
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
